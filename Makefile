@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` and `make test`. Each sets up what it needs.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	@bash scripts/setup.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@$(BIN)/qrgate demo $(if $(REEL),--reel "$(REEL)") $(if $(CAMERA),--camera "$(CAMERA)")
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

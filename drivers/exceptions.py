@@ -1,0 +1,29 @@
+"""Errors raised by ``drivers``. Each says what the caller should do next."""
+
+
+class DriverError(Exception):
+    """Root of every error raised by ``drivers``."""
+
+
+class FrameSourceError(DriverError):
+    """A frame source cannot deliver frames: re-open it (with backoff) or give up on that camera."""
+
+
+class CameraUnavailableError(FrameSourceError):
+    """The camera cannot be opened (missing, busy, no permission): retry later with backoff."""
+
+
+class CameraTimeoutError(FrameSourceError):
+    """No frame arrived within the read timeout: the camera stalled; re-open it."""
+
+
+class FrameFileError(FrameSourceError):
+    """An image file in a replay reel cannot be read: it is skipped, the reel goes on."""
+
+
+class PinFactoryError(DriverError):
+    """No GPIO pin factory could be created: fix ``[gpio] pin_factory`` or GPIOZERO_PIN_FACTORY; give up."""
+
+
+class FeedbackError(DriverError):
+    """An output device could not be created on its pin: check the pin numbers; give up."""

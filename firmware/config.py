@@ -1,0 +1,344 @@
+"""Reader configuration: one TOML file, validated at start.
+
+Every error names the file, the key, what was expected and what was found
+(:class:`firmware.exceptions.ConfigError`). Relative paths are resolved against the
+config file's folder, so a config and its badge list can travel together.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from firmware.exceptions import ConfigError
+
+CAMERA_SOURCES = ("replay", "v4l2", "picamera2")
+DECODER_BACKENDS = ("zxing-cpp", "zbar", "cascade")
+DIRECTIONS = ("in", "out", "both")
+STRIKES = ("fail-secure", "fail-safe")
+PIN_FACTORIES = ("auto", "mock", "mock-nopwm", "lgpio", "rpigpio", "pigpio", "native")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """``door``: door name in events. ``direction``: in/out/both. ``state_dir``: journal,
+    lock and control socket live here."""
+
+    door: str = "door-1"
+    direction: str = "in"
+    state_dir: Path = Path("/var/lib/qrgate")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """``source``: replay | v4l2 | picamera2. Replay: ``path`` (folder, image or video),
+    ``fps``, ``loop``. v4l2: ``device``. ``width``/``height``: pixels requested from a camera.
+    ``read_timeout_s``: a read slower than this is a stall."""
+
+    source: str = "replay"
+    path: Path | None = None
+    fps: float = 30.0
+    loop: bool = False
+    device: str = "/dev/video0"
+    width: int = 640
+    height: int = 480
+    read_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """``backend``: zxing-cpp | zbar | cascade. ``queue``: frames held for the decoder; older
+    ones are dropped (the decoder always works on the freshest frame). ``idle_skip``: skip
+    decoding a frame that is unchanged from the last empty one, at most ``max_idle_skip``
+    frames in a row."""
+
+    backend: str = "zxing-cpp"
+    queue: int = 1
+    idle_skip: bool = True
+    max_idle_skip: int = 10
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``badges``: JSON badge list (allowlist and denylist of keyed HMACs). ``hmac_key``: the
+    site key file (hex) those HMACs are made with. ``repeat_window_s``: seconds a payload must
+    be out of view before it counts as a new scan. ``max_payload``: bytes; longer is
+    malformed."""
+
+    badges: Path | None = None
+    hmac_key: Path | None = None
+    repeat_window_s: float = 5.0
+    max_payload: int = 4096
+
+
+@dataclass(frozen=True)
+class GpioConfig:
+    """BCM pin numbers. ``led``: {red, green, blue} for an RGB LED or {red, green} for a
+    pair. ``strike``: fail-secure (unlocks when powered) or fail-safe (a maglock: unlocks when
+    power is cut). ``pulse_s``: seconds the door stays unlocked after a grant."""
+
+    pin_factory: str = "auto"
+    relay_pin: int = 17
+    relay_active_high: bool = True
+    strike: str = "fail-secure"
+    pulse_s: float = 3.0
+    led: Mapping[str, int] = field(default_factory=lambda: {"red": 5, "green": 6, "blue": 13})
+    led_active_high: bool = True
+    buzzer_pin: int | None = 12
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """``path``: SQLite file (relative to ``reader.state_dir``). ``fsync_interval_ms``: group
+    fsync period: the power-cut window. ``max_rows``/``max_mb``: size cap."""
+
+    path: Path = Path("journal.db")
+    fsync_interval_ms: float = 100.0
+    append_deadline_ms: float = 50.0
+    max_rows: int = 1_000_000
+    max_mb: float = 512.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole reader configuration. ``source``: the file it came from ("<defaults>")."""
+
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    gpio: GpioConfig = field(default_factory=GpioConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    source: str = "<defaults>"
+
+    @property
+    def journal_path(self) -> Path:
+        """The journal file, resolved against ``reader.state_dir``."""
+        return self.reader.state_dir / self.journal.path
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"number {v!r}"
+    if isinstance(v, str):
+        shown = v if len(v) <= 40 else v[:40] + "…"
+        return f"string {shown!r}"
+    if isinstance(v, dict):
+        return "a table"
+    if isinstance(v, list):
+        return "an array"
+    return type(v).__name__
+
+
+class _Section:
+    """Reads one table, tracking which keys were used so unknown keys are reported."""
+
+    def __init__(self, file: str, name: str, data: Any, base: Path) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(file, name, "a table", _kind(data))
+        self.file, self.name, self.data, self.base = file, name, data, base
+        self.used: set[str] = set()
+
+    def _err(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(self.file, f"{self.name}.{key}" if self.name else key, expected,
+                           _kind(value))
+
+    def get(self, key: str, default: Any, check: Callable[[Any], Any], expected: str) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        try:
+            return check(value)
+        except (TypeError, ValueError):
+            raise self._err(key, expected, value) from None
+
+    def text(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+        expected = "one of " + ", ".join(repr(c) for c in choices) if choices else "a string"
+
+        def check(v: Any) -> str:
+            if not isinstance(v, str) or (choices and v not in choices) or (not choices and not v):
+                raise ValueError
+            return v
+
+        return str(self.get(key, default, check, expected))
+
+    def number(self, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
+        what = "an integer" if integer else "a number"
+
+        def check(v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise ValueError
+            if not lo <= v <= hi:
+                raise ValueError
+            return v
+
+        return self.get(key, default, check, f"{what} from {lo:g} to {hi:g}")
+
+    def flag(self, key: str, default: bool) -> bool:
+        def check(v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise ValueError
+            return v
+
+        return bool(self.get(key, default, check, "true or false"))
+
+    def path(self, key: str, default: Path | None) -> Path | None:
+        def check(v: Any) -> Path:
+            if not isinstance(v, str) or not v:
+                raise ValueError
+            p = Path(v).expanduser()
+            return p if p.is_absolute() else self.base / p
+
+        result: Path | None = self.get(key, default, check, "a path string")
+        return result
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            key = unknown[0]
+            where = f"{self.name}.{key}" if self.name else key
+            known = ", ".join(sorted(self.used))
+            raise ConfigError(self.file, where, f"one of the known keys ({known})",
+                              "an unknown key")
+
+
+def _pins(section: _Section) -> Mapping[str, int]:
+    def check(v: Any) -> dict[str, int]:
+        if not isinstance(v, dict) or set(v) not in ({"red", "green", "blue"}, {"red", "green"}):
+            raise ValueError
+        for pin in v.values():
+            if isinstance(pin, bool) or not isinstance(pin, int) or not 0 <= pin <= 53:
+                raise ValueError
+        return dict(v)
+
+    default = GpioConfig().led
+    result: Mapping[str, int] = section.get(
+        "led", default, check,
+        "a table {red, green, blue} (RGB LED) or {red, green} (LED pair) of pins 0-53")
+    return result
+
+
+def parse_config(data: Mapping[str, Any], file: str = "<memory>", base: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`. Raises ConfigError."""
+    base = base or Path.cwd()
+    top = _Section(file, "", dict(data), base)
+    sections = {}
+    for name in ("reader", "camera", "decoder", "policy", "gpio", "journal"):
+        top.used.add(name)
+        sections[name] = _Section(file, name, data.get(name, {}), base)
+    top.done()
+
+    s = sections["reader"]
+    reader = ReaderConfig(
+        door=s.text("door", ReaderConfig.door),
+        direction=s.text("direction", ReaderConfig.direction, DIRECTIONS),
+        state_dir=s.path("state_dir", ReaderConfig.state_dir) or ReaderConfig.state_dir,
+    )
+    s.done()
+
+    s = sections["camera"]
+    camera = CameraConfig(
+        source=s.text("source", CameraConfig.source, CAMERA_SOURCES),
+        path=s.path("path", None),
+        fps=s.number("fps", CameraConfig.fps, 0, 240),
+        loop=s.flag("loop", CameraConfig.loop),
+        device=s.text("device", CameraConfig.device),
+        width=s.number("width", CameraConfig.width, 16, 8192, integer=True),
+        height=s.number("height", CameraConfig.height, 16, 8192, integer=True),
+        read_timeout_s=s.number("read_timeout_s", CameraConfig.read_timeout_s, 0.1, 600),
+    )
+    if camera.source == "replay" and camera.path is None:
+        raise ConfigError(file, "camera.path", "a folder, image or video to replay "
+                          "(camera.source is 'replay')", "nothing")
+    s.done()
+
+    s = sections["decoder"]
+    decoder = DecoderConfig(
+        backend=s.text("backend", DecoderConfig.backend, DECODER_BACKENDS),
+        queue=s.number("queue", DecoderConfig.queue, 1, 64, integer=True),
+        idle_skip=s.flag("idle_skip", DecoderConfig.idle_skip),
+        max_idle_skip=s.number("max_idle_skip", DecoderConfig.max_idle_skip, 0, 300, integer=True),
+    )
+    s.done()
+
+    s = sections["policy"]
+    policy = PolicyConfig(
+        badges=s.path("badges", None),
+        hmac_key=s.path("hmac_key", None),
+        repeat_window_s=s.number("repeat_window_s", PolicyConfig.repeat_window_s, 0, 3600),
+        max_payload=s.number("max_payload", PolicyConfig.max_payload, 1, 1 << 20, integer=True),
+    )
+    if (policy.badges is None) != (policy.hmac_key is None):
+        missing = "policy.hmac_key" if policy.hmac_key is None else "policy.badges"
+        raise ConfigError(file, missing, "both policy.badges and policy.hmac_key, or neither",
+                          "only one of them")
+    s.done()
+
+    s = sections["gpio"]
+    buzzer = s.get(
+        "buzzer_pin", GpioConfig.buzzer_pin,
+        lambda v: v if v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                     and 0 <= v <= 53) else _raise(),
+        "a pin number 0-53")
+    gpio = GpioConfig(
+        pin_factory=s.text("pin_factory", GpioConfig.pin_factory, PIN_FACTORIES),
+        relay_pin=s.number("relay_pin", GpioConfig.relay_pin, 0, 53, integer=True),
+        relay_active_high=s.flag("relay_active_high", GpioConfig.relay_active_high),
+        strike=s.text("strike", GpioConfig.strike, STRIKES),
+        pulse_s=s.number("pulse_s", GpioConfig.pulse_s, 0.1, 60),
+        led=_pins(s),
+        led_active_high=s.flag("led_active_high", GpioConfig.led_active_high),
+        buzzer_pin=buzzer,
+    )
+    used_pins = [gpio.relay_pin, *gpio.led.values()] + ([buzzer] if buzzer is not None else [])
+    if len(set(used_pins)) != len(used_pins):
+        raise ConfigError(file, "gpio", "distinct pins for relay, LED and buzzer",
+                          f"pins {used_pins}")
+    s.done()
+
+    s = sections["journal"]
+    jpath = s.get("path", JournalConfig.path,
+                  lambda v: Path(v) if isinstance(v, str) and v else _raise(), "a path string")
+    journal = JournalConfig(
+        path=jpath,
+        fsync_interval_ms=s.number("fsync_interval_ms", JournalConfig.fsync_interval_ms, 5, 1000),
+        append_deadline_ms=s.number("append_deadline_ms", JournalConfig.append_deadline_ms,
+                                    5, 1000),
+        max_rows=s.number("max_rows", JournalConfig.max_rows, 100, 100_000_000, integer=True),
+        max_mb=s.number("max_mb", JournalConfig.max_mb, 1, 1_000_000),
+    )
+    s.done()
+
+    return Config(reader=reader, camera=camera, decoder=decoder, policy=policy, gpio=gpio,
+                  journal=journal, source=file)
+
+
+def _raise() -> Any:
+    raise ValueError
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file.
+
+    Raises ConfigError for a missing/unreadable file, broken TOML (with line and column) or an
+    invalid value. Relative paths in the file are resolved against its folder.
+    """
+    name = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(name, "<file>", "a readable TOML file", e.strerror or str(e)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(name, "<file>", "UTF-8 text", f"invalid byte at offset {e.start}") \
+            from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(name, "<file>", "valid TOML", str(e)) from None
+    return parse_config(data, name, path.resolve().parent)

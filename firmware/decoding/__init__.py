@@ -1,0 +1,1 @@
+"""QR decoding backends (zxing-cpp, zbar, cascade) returning raw payload bytes."""

@@ -1,0 +1,1 @@
+"""The embedded demo: a generated camera-like reel and a live terminal view."""

@@ -1,0 +1,1 @@
+"""The journal: a durable SQLite (WAL) outbox, the one place every scan lands."""

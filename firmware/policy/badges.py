@@ -1,0 +1,131 @@
+"""Static badges: printed codes matched on their raw payload bytes by keyed HMAC.
+
+Badge list file (JSON, UTF-8)::
+
+    {"version": 3,
+     "allow": [{"subject": "<hex HMAC-SHA256>", "label": "alice"}, ...],
+     "deny":  ["<hex HMAC-SHA256>", ...]}
+
+``subject`` is HMAC-SHA256(site key, payload bytes) in hex (``qrgate badge hash``). A subject
+on both lists is denied: the denylist wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from firmware.exceptions import CredentialListError
+from firmware.policy.verdict import Reason
+
+MAX_LIST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BadgeList:
+    """An allowlist and a denylist of subjects (hex HMACs). ``version`` as given in the file."""
+
+    allow: frozenset[str]
+    deny: frozenset[str]
+    labels: dict[str, str]
+    version: int = 0
+
+    @classmethod
+    def of(cls, allow: Iterable[str] = (), deny: Iterable[str] = (), version: int = 0) -> BadgeList:
+        """Build from subjects (for tests and tools)."""
+        return cls(frozenset(allow), frozenset(deny), {}, version)
+
+
+class BadgeKind:
+    """The ``badge`` credential kind: claims every payload no other kind claims (the
+    fallback), so an unknown code is answered ``unknown``."""
+
+    name = "badge"
+
+    def __init__(self, badges: BadgeList) -> None:
+        self.badges = badges
+
+    def claims(self, payload: bytes) -> bool:
+        """Badges are any bytes at all."""
+        return True
+
+    def check(self, payload: bytes, subject: str, wall_ns: int) -> tuple[bool, Reason]:
+        """Denylist first, then allowlist; O(1) set lookups."""
+        if subject in self.badges.deny:
+            return False, Reason.REVOKED
+        if subject in self.badges.allow:
+            return True, Reason.GRANTED
+        return False, Reason.UNKNOWN
+
+
+def _fail(path: Path, what: str) -> CredentialListError:
+    return CredentialListError(f"{path}: {what}; the reader keeps its last good badge list")
+
+
+def _subject(path: Path, where: str, v: Any) -> str:
+    if not isinstance(v, str) or len(v) != 64:
+        raise _fail(path, f"{where}: expected a 64-character hex HMAC, found {v!r:.80}")
+    try:
+        bytes.fromhex(v)
+    except ValueError:
+        raise _fail(path, f"{where}: not hex: {v!r:.80}") from None
+    return v.lower()
+
+
+def load_badges(path: Path) -> BadgeList:
+    """Read and validate a badge list file. Raises CredentialListError naming the entry."""
+    try:
+        if path.stat().st_size > MAX_LIST_BYTES:
+            raise _fail(path, f"larger than {MAX_LIST_BYTES} bytes")
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise _fail(path, f"cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a JSON object with 'allow' and 'deny'")
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _fail(path, f"'version' must be an integer, found {version!r:.40}")
+    allow_raw, deny_raw = data.get("allow", []), data.get("deny", [])
+    if not isinstance(allow_raw, list) or not isinstance(deny_raw, list):
+        raise _fail(path, "'allow' and 'deny' must be arrays")
+    allow: set[str] = set()
+    labels: dict[str, str] = {}
+    for i, entry in enumerate(allow_raw):
+        if isinstance(entry, str):
+            allow.add(_subject(path, f"allow[{i}]", entry))
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(path, f"allow[{i}]: expected an object {{subject, label}}")
+        s = _subject(path, f"allow[{i}].subject", entry.get("subject"))
+        allow.add(s)
+        label = entry.get("label")
+        if isinstance(label, str):
+            labels[s] = label
+    deny = {_subject(path, f"deny[{i}]", e) for i, e in enumerate(deny_raw)}
+    return BadgeList(frozenset(allow), frozenset(deny), labels, version)
+
+
+def write_badges(path: Path, badges: BadgeList) -> None:
+    """Write a badge list atomically (temp file + os.replace)."""
+    doc = {
+        "version": badges.version,
+        "allow": [{"subject": s, "label": badges.labels.get(s, "")} for s in sorted(badges.allow)],
+        "deny": sorted(badges.deny),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Device identity, keys and enrollment (filled by the provisioning issue)."""

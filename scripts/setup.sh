@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up everything `make demo` and `make test` need on Debian / Raspberry Pi OS:
+# Debian packages (libzbar0 for the zbar decoder), a venv in .venv, the project and its tools.
+# Idempotent: re-running only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+DEB_PACKAGES=(libzbar0 python3-venv)
+
+say() { printf 'qrgate setup: %s\n' "$*" >&2; }
+
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  say "Python 3.11 or newer is needed ($PY is $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"
+  exit 1
+fi
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then run=(); elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then run=(sudo -n); else run=(none); fi
+  if [ "${run[0]:-}" != none ]; then
+    say "installing Debian packages: ${missing[*]}"
+    "${run[@]}" apt-get update -qq || say "apt-get update failed; trying the install anyway"
+    DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    say "cannot install ${missing[*]} without root: run 'sudo apt-get install ${missing[*]}'"
+    say "(the zbar decoder backend is unavailable until libzbar0 is installed)"
+  fi
+fi
+
+stamp=$VENV/.installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/qrgate" ]; then
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+say "installing qrgate and its dependencies into $VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+echo "$want" > "$stamp"
