@@ -21,9 +21,11 @@ class ChangeGate:
     """Decides whether a frame needs decoding.
 
     Compares a sparse sample of the frame with the sample of the last decoded empty frame,
-    block by block (mean absolute difference, gray levels); a block that changed more than the
-    measured noise floor plus ``margin`` means something moved. The noise floor adapts (EMA over
-    unchanged frames), so a noisier camera or low light does not keep the decoder busy.
+    block by block (mean absolute difference, gray levels); a block that changed more than 1.5x
+    the noise floor plus ``margin`` means something moved. The noise floor follows the 25th
+    percentile block (sensor noise touches every block, a code only some) through a slow
+    average, so a noisier camera or low light does not keep the decoder busy, and a code that
+    fills most of the frame still counts as a change on the frame it appears in.
     """
 
     def __init__(self, *, max_skip: int = 10, margin: float = 3.0) -> None:
@@ -37,14 +39,15 @@ class ChangeGate:
     def _sample(self, image: GrayImage) -> npt.NDArray[np.int16]:
         return image[::_STEP, ::_STEP].astype(np.int16)
 
-    def _block_change(self, sample: npt.NDArray[np.int16]) -> float:
+    def _blocks(self, sample: npt.NDArray[np.int16]) -> npt.NDArray[np.float64]:
         assert self._ref is not None
         diff = np.abs(sample - self._ref)
         h, w = diff.shape
         gh, gw = min(_GRID[0], h), min(_GRID[1], w)
         bh, bw = h // gh, w // gw
-        blocks = diff[: bh * gh, : bw * gw].reshape(gh, bh, gw, bw).mean(axis=(1, 3))
-        return float(blocks.max())
+        blocks: npt.NDArray[np.float64] = (
+            diff[: bh * gh, : bw * gw].reshape(gh, bh, gw, bw).mean(axis=(1, 3)))
+        return blocks
 
     def should_decode(self, image: GrayImage) -> bool:
         """True when ``image`` (gray HxW uint8) may hold something new."""
@@ -53,10 +56,13 @@ class ChangeGate:
         sample = self._sample(image)
         if self._ref is None or self._ref.shape != sample.shape:
             return True
-        change = self._block_change(sample)
-        if change > self.floor * 1.5 + self.margin or self._skipped_run >= self.max_skip:
+        blocks = self._blocks(sample)
+        noise = float(np.percentile(blocks, 25))
+        self.floor = noise if self.floor == 0.0 else 0.95 * self.floor + 0.05 * noise
+        if float(blocks.max()) > self.floor * 1.5 + self.margin:
             return True
-        self.floor = change if self.floor == 0.0 else 0.9 * self.floor + 0.1 * change
+        if self._skipped_run >= self.max_skip:
+            return True
         self._skipped_run += 1
         self.skipped_total += 1
         return False

@@ -1,0 +1,236 @@
+"""The composition root: the one place that builds every part from the config and wires them.
+
+Start order matters for the door: the instance lock first (a second daemon must exit before it
+touches a GPIO line), then the outputs (the relay is driven to its locked resting state before
+anything else comes up, so a reboot never pulses the door), then the journal, the camera and
+the threads. Stop order: relay locked first, then threads, camera, journal, lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drivers.frames import FrameSource
+from firmware.clock import ClockStatus
+from firmware.config import Config
+from firmware.decoding.codes import Decoder
+from firmware.decoding.registry import make_decoder
+from firmware.freshest import FrameQueue
+from firmware.idle import ChangeGate
+from firmware.journal.events import NewEvent
+from firmware.journal.ids import boot_id as read_boot_id
+from firmware.journal.store import Journal
+from firmware.lock import InstanceLock
+from firmware.metrics import PipelineMetrics
+from firmware.pipeline import CaptureLoop, ReaderIdentity, ScanLoop, ScanReport
+from firmware.policy.badges import BadgeKind, BadgeList, load_badges
+from firmware.policy.policy import Policy
+from firmware.policy.repeat import RepeatWindow
+from firmware.policy.subjects import SubjectHasher, load_key
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
+
+
+def make_source(config: Config) -> FrameSource:
+    """The camera named by ``[camera]``. Imports camera libraries lazily."""
+    cam = config.camera
+    if cam.source == "replay":
+        from drivers.replay import ReplaySource
+
+        assert cam.path is not None  # checked by the config validator
+        items: Path | list[Path] = cam.path
+        if cam.path.is_dir() and any(p.is_dir() for p in cam.path.iterdir()):
+            # a corpus folder with sub-folders: replay every image below it, in path order
+            items = sorted(p for p in cam.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return ReplaySource(items, fps=cam.fps, loop=cam.loop)
+    if cam.source == "v4l2":
+        from drivers.v4l2 import V4L2Source
+
+        return V4L2Source(cam.device, width=cam.width, height=cam.height, fps=cam.fps)
+    from drivers.picamera import Picamera2Source
+
+    return Picamera2Source(size=(cam.width, cam.height), fps=cam.fps)
+
+
+def make_feedback(config: Config, pin_factory: Any) -> Any:
+    """Status light, buzzer and door relay on ``pin_factory``; the relay starts locked."""
+    from drivers.buzzer import Beeper
+    from drivers.feedback import Feedback
+    from drivers.light import StatusLight
+    from drivers.relay import DoorRelay
+
+    g = config.gpio
+    # the relay first: nothing else may come up while the door line is undefined
+    relay = DoorRelay(g.relay_pin, pin_factory=pin_factory, active_high=g.relay_active_high,
+                      pulse_s=g.pulse_s, strike=g.strike)
+    try:
+        light = StatusLight(dict(g.led), pin_factory=pin_factory, active_high=g.led_active_high)
+        beeper = (Beeper(g.buzzer_pin, pin_factory=pin_factory)
+                  if g.buzzer_pin is not None else None)
+    except BaseException:
+        relay.close()
+        raise
+    return Feedback(light, beeper, relay)
+
+
+def make_policy(config: Config) -> tuple[Policy, BadgeList]:
+    """The verdict policy with the badge list from ``[policy]`` (an empty list if none)."""
+    p = config.policy
+    if p.hmac_key is not None and p.badges is not None:
+        hasher = SubjectHasher(load_key(p.hmac_key))
+        badges = load_badges(p.badges)
+    else:
+        log.warning("no badge list configured: every code will be answered 'unknown'")
+        import secrets
+
+        hasher = SubjectHasher(secrets.token_bytes(32))
+        badges = BadgeList.of()
+    return Policy([BadgeKind(badges)], hasher, p.max_payload), badges
+
+
+@dataclass
+class Reader:
+    """A wired reader. ``start()`` brings it up, ``stop()`` takes it down (idempotent);
+    ``wait()`` blocks until a stop was asked for, a thread failed, or a finite camera ended.
+    ``exit_code`` is 0 after a clean stop, 1 after a fault."""
+
+    config: Config
+    lock: InstanceLock
+    feedback: Any
+    journal: Journal
+    source: FrameSource
+    scan: ScanLoop
+    capture: CaptureLoop
+    metrics: PipelineMetrics
+    frames: FrameQueue
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    exit_code: int = 0
+    started_ns: int = 0
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stopped: bool = False
+
+    def start(self) -> None:
+        """Bring up the journal, camera and threads (lock and outputs are already held)."""
+        self.started_ns = time.monotonic_ns()
+        self.journal.open()
+        self.source.open()
+        for name, body in (("qrgate-capture", self.capture.run), ("qrgate-scan", self.scan.run)):
+            t = threading.Thread(target=self._guard, args=(name, body), name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+        self.feedback.ready()
+        log.info("reader ready: door %s, camera %s, decoder %s", self.config.reader.door,
+                 self.config.camera.source, self.config.decoder.backend)
+
+    def _guard(self, name: str, body: Callable[[threading.Event], None]) -> None:
+        try:
+            body(self.stop_event)
+        except BaseException:
+            # a dead scan or capture thread must never leave the door unlocked or the
+            # daemon half alive: lock the door and stop everything
+            log.critical("%s thread failed; stopping the reader", name, exc_info=True)
+            self.exit_code = 1
+            self.feedback.close()
+        finally:
+            self.stop_event.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the reader to need stopping; True if it does."""
+        return self.stop_event.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Lock the door first, then stop threads, camera, journal and release the lock."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.feedback.close()
+        self.stop_event.set()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        self.source.close()
+        self.journal.close()
+        self.lock.release()
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and latencies since start, for the demo and logs."""
+        m = self.metrics
+        return {
+            "frames": m.frames, "decoded_frames": m.decoded_frames,
+            "skipped_idle": m.skipped_idle, "dropped": self.frames.dropped,
+            "decodes": m.codes, "decisions": m.decisions, "granted": m.granted,
+            "denied": m.denied, "suppressed_repeats": m.suppressed, "errors": m.errors,
+            "decode_ms_p50": m.decode_ms.percentile(50),
+            "frame_to_relay_ms_p50": m.frame_to_relay_ms.percentile(50),
+            "frame_to_relay_ms_p99": m.frame_to_relay_ms.percentile(99),
+            "seconds": (time.monotonic_ns() - self.started_ns) / 1e9 if self.started_ns else 0.0,
+        }
+
+
+def _incident(journal: Journal, config: Config, code: str, detail: dict[str, object]) -> None:
+    """Journal a reader incident (camera stalled, ...) with the current clocks."""
+    journal.append(NewEvent(
+        kind="incident", wall_ns=time.time_ns(), clock_synced=False,
+        mono_ns=time.monotonic_ns(), door=config.reader.door,
+        direction=config.reader.direction, reason=code, detail=dict(detail)))
+
+
+def build_reader(config: Config, *, pin_factory: Any = None, source: FrameSource | None = None,
+                 decoder: Decoder | None = None,
+                 listeners: Sequence[Callable[[ScanReport], None]] = (),
+                 clock_synced: Callable[[], bool] | None = None) -> Reader:
+    """Wire a reader from ``config``. Takes the instance lock and creates the outputs (relay
+    locked) before anything else; on any failure releases what it took and re-raises.
+
+    ``pin_factory``/``source``/``decoder``/``clock_synced`` override what the config names
+    (tests, the benchmark, the demo). Raises InstanceLockedError, ConfigError,
+    CredentialListError, DecoderError, PinFactoryError.
+    """
+    from drivers.pins import make_pin_factory
+
+    state = config.reader.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(state / "qrgate.lock")
+    lock.acquire()
+    feedback = None
+    try:
+        factory = pin_factory if pin_factory is not None else make_pin_factory(
+            None if config.gpio.pin_factory == "auto" else config.gpio.pin_factory)
+        feedback = make_feedback(config, factory)
+        policy, _ = make_policy(config)
+        dec = decoder if decoder is not None else make_decoder(config.decoder.backend)
+        frames = FrameQueue(config.decoder.queue)
+        metrics = PipelineMetrics()
+        j = config.journal
+        journal = Journal(config.journal_path, boot_id=read_boot_id(),
+                          fsync_interval_s=j.fsync_interval_ms / 1000,
+                          append_deadline_s=j.append_deadline_ms / 1000,
+                          max_rows=j.max_rows, max_bytes=int(j.max_mb * 1024 * 1024),
+                          report=lambda code, detail: log.error("journal: %s %s", code, detail))
+        cam = source if source is not None else make_source(config)
+        scan = ScanLoop(
+            frames=frames, decoder=dec, policy=policy,
+            seen=RepeatWindow(int(config.policy.repeat_window_s * 1e9)), journal=journal,
+            feedback=feedback,
+            identity=ReaderIdentity(config.reader.door, config.reader.direction),
+            clock_synced=clock_synced or ClockStatus().synced,
+            gate=ChangeGate(max_skip=config.decoder.max_idle_skip)
+            if config.decoder.idle_skip else None,
+            metrics=metrics, listeners=tuple(listeners))
+        capture = CaptureLoop(cam, frames, read_timeout_s=config.camera.read_timeout_s,
+                              on_incident=lambda code, detail: _incident(journal, config, code,
+                                                                         detail))
+        return Reader(config=config, lock=lock, feedback=feedback, journal=journal, source=cam,
+                      scan=scan, capture=capture, metrics=metrics, frames=frames)
+    except BaseException:
+        if feedback is not None:
+            feedback.close()
+        lock.release()
+        raise
