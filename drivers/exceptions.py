@@ -27,3 +27,7 @@ class PinFactoryError(DriverError):
 
 class FeedbackError(DriverError):
     """An output device could not be created on its pin: check the pin numbers; give up."""
+
+
+class DeviceClosedError(DriverError):
+    """The output device was closed: the call did nothing; create a new device to drive it again."""

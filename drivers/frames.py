@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -54,7 +55,7 @@ class FrameSource(ABC):
     def close(self) -> None:
         """Release the device. Safe to call twice."""
 
-    def __enter__(self) -> FrameSource:
+    def __enter__(self) -> Self:
         self.open()
         return self
 

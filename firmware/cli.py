@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import secrets
@@ -36,11 +37,13 @@ def run(config_path: Path, verbose: bool) -> None:
     """Run the reader daemon until SIGTERM/SIGINT (or the end of a replayed reel)."""
     from firmware.config import load_config
     from firmware.daemon import build_reader
+    from firmware.logs import log_scan, setup_logging
 
-    _setup_logging(verbose)
+    listener = setup_logging(verbose)
+    atexit.register(listener.stop)
     try:
         config = load_config(config_path)
-        reader = build_reader(config)
+        reader = build_reader(config, listeners=[log_scan])
     except QrgateError as e:
         click.echo(f"qrgate: {e}", err=True)
         sys.exit(2 if isinstance(e, ConfigError) else 3)
@@ -291,3 +294,7 @@ def demo(reel: Path | None, camera: str | None, state: Path, fps: float) -> None
     _setup_logging(False)
     logging.getLogger().setLevel(logging.WARNING)
     sys.exit(run_demo(state, reel=reel, camera=camera, fps=fps))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ the threads. Stop order: relay locked first, then threads, camera, journal, lock
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,14 +37,13 @@ from firmware.policy.subjects import SubjectHasher, load_key
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
-
+SWITCH_INTERVAL_S = 0.0005
 
 def make_source(config: Config) -> FrameSource:
     """The camera named by ``[camera]``. Imports camera libraries lazily."""
     cam = config.camera
     if cam.source == "replay":
-        from drivers.replay import ReplaySource
+        from drivers.replay import IMAGE_SUFFIXES, ReplaySource
 
         assert cam.path is not None  # checked by the config validator
         items: Path | list[Path] = cam.path
@@ -65,14 +65,16 @@ def make_feedback(config: Config, pin_factory: Any) -> Any:
     from drivers.buzzer import Beeper
     from drivers.feedback import Feedback
     from drivers.light import StatusLight
-    from drivers.relay import DoorRelay
+    from drivers.relay import DoorRelay, unlock_energises_for
 
     g = config.gpio
     # the relay first: nothing else may come up while the door line is undefined
     relay = DoorRelay(g.relay_pin, pin_factory=pin_factory, active_high=g.relay_active_high,
-                      pulse_s=g.pulse_s, strike=g.strike)
+                      pulse_s=g.pulse_s,
+                      unlock_energises=unlock_energises_for(g.strike))
     try:
-        light = StatusLight(dict(g.led), pin_factory=pin_factory, active_high=g.led_active_high)
+        light = StatusLight(g.led["red"], g.led["green"], g.led.get("blue"),
+                            pin_factory=pin_factory, active_high=g.led_active_high)
         beeper = (Beeper(g.buzzer_pin, pin_factory=pin_factory)
                   if g.buzzer_pin is not None else None)
     except BaseException:
@@ -120,6 +122,10 @@ class Reader:
     def start(self) -> None:
         """Bring up the journal, camera and threads (lock and outputs are already held)."""
         self.started_ns = time.monotonic_ns()
+        # CPython hands the GIL over every 5 ms by default: a frame that arrives while another
+        # thread runs Python code could wait that long. 0.5 ms keeps the scan thread's
+        # worst case inside the latency budget at a negligible switching cost.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.journal.open()
         self.source.open()
         for name, body in (("qrgate-capture", self.capture.run), ("qrgate-scan", self.scan.run)):

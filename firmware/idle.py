@@ -8,6 +8,7 @@ skipped, so a missed change costs at most that many frames.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -33,20 +34,19 @@ class ChangeGate:
         self.margin = margin
         self.floor = 0.0
         self.skipped_total = 0
-        self._ref: npt.NDArray[np.int16] | None = None
+        self._ref: npt.NDArray[np.uint8] | None = None
         self._skipped_run = 0
 
-    def _sample(self, image: GrayImage) -> npt.NDArray[np.int16]:
-        return image[::_STEP, ::_STEP].astype(np.int16)
+    def _sample(self, image: GrayImage) -> npt.NDArray[np.uint8]:
+        return np.ascontiguousarray(image[::_STEP, ::_STEP])
 
-    def _blocks(self, sample: npt.NDArray[np.int16]) -> npt.NDArray[np.float64]:
+    def _blocks(self, sample: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         assert self._ref is not None
-        diff = np.abs(sample - self._ref)
+        diff = cv2.absdiff(sample, self._ref).astype(np.float32)
         h, w = diff.shape
-        gh, gw = min(_GRID[0], h), min(_GRID[1], w)
-        bh, bw = h // gh, w // gw
-        blocks: npt.NDArray[np.float64] = (
-            diff[: bh * gh, : bw * gw].reshape(gh, bh, gw, bw).mean(axis=(1, 3)))
+        # INTER_AREA averages each block: the block means in one C call
+        blocks: npt.NDArray[np.float32] = cv2.resize(
+            diff, (min(_GRID[1], w), min(_GRID[0], h)), interpolation=cv2.INTER_AREA)
         return blocks
 
     def should_decode(self, image: GrayImage) -> bool:
@@ -57,9 +57,10 @@ class ChangeGate:
         if self._ref is None or self._ref.shape != sample.shape:
             return True
         blocks = self._blocks(sample)
-        noise = float(np.percentile(blocks, 25))
+        flat = np.sort(blocks, axis=None)
+        noise = float(flat[len(flat) // 4])
         self.floor = noise if self.floor == 0.0 else 0.95 * self.floor + 0.05 * noise
-        if float(blocks.max()) > self.floor * 1.5 + self.margin:
+        if float(flat[-1]) > self.floor * 1.5 + self.margin:
             return True
         if self._skipped_run >= self.max_skip:
             return True

@@ -1,0 +1,273 @@
+"""``make bench``: qrgate's speed and memory targets, measured side by side in one run.
+
+Prints a markdown table (targets next to measurements) and writes it to ``bench.md``.
+Needs ``../shared/corpus`` (or $QRGATE_SHARED) for the decode section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from drivers.pins import make_pin_factory  # noqa: E402
+from drivers.replay import ReplaySource  # noqa: E402
+from firmware.config import parse_config  # noqa: E402
+from firmware.daemon import build_reader  # noqa: E402
+from firmware.decoding.corpus import load_gray, load_manifest, read_ok  # noqa: E402
+from firmware.decoding.registry import BACKENDS, make_decoder  # noqa: E402
+from firmware.demo.reel import code_frame, idle_frames  # noqa: E402
+from firmware.journal.bench import append_rate  # noqa: E402
+from firmware.pipeline import ScanReport  # noqa: E402
+from firmware.policy.badges import BadgeList, write_badges  # noqa: E402
+from firmware.policy.subjects import SubjectHasher  # noqa: E402
+
+Row = tuple[str, str, str, str]  # section, measure, value, target
+
+
+def shared_dir() -> Path | None:
+    env = os.environ.get("QRGATE_SHARED")
+    for c in ([Path(env)] if env else []) + [REPO.parent / "shared"]:
+        if (c / "corpus").is_dir():
+            return c
+    return None
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def bench_corpus(rows: list[Row]) -> None:
+    shared = shared_dir()
+    if shared is None:
+        rows.append(("decode", "corpus", "skipped: ../shared/corpus not found", ""))
+        return
+    targets = {("cascade", "zxing-blackbox"): 169, ("cascade", "zxing-cpp-samples"): 129}
+    for folder in ("zxing-blackbox", "zxing-cpp-samples"):
+        items = load_manifest(shared / "corpus" / folder)
+        images = [load_gray(it.image) for it in items]
+        for backend in BACKENDS:
+            dec = make_decoder(backend)
+            ok, times = 0, []
+            for it, img in zip(items, images, strict=True):
+                t0 = time.perf_counter()
+                codes = dec.decode(img)
+                times.append((time.perf_counter() - t0) * 1000)
+                ok += read_ok(it, codes)
+            target = targets.get((backend, folder))
+            rows.append(("decode", f"{backend} on {folder}",
+                         f"{ok}/{len(items)} read, median {statistics.median(times):.2f} ms, "
+                         f"p95 {pct(times, 95):.2f} ms",
+                         f"≥ {target}/{len(items)}" if target else ""))
+
+
+def _write(folder: Path, name: str, image: np.ndarray) -> Path:
+    p = folder / name
+    Image.fromarray(image).save(p, compress_level=1)
+    return p
+
+
+def _reader_config(state: Path, allow: list[bytes]) -> object:
+    key = bytes(range(32))
+    (state / "site.key").write_text(key.hex())
+    h = SubjectHasher(key)
+    write_badges(state / "badges.json", BadgeList.of(allow=[h.subject(p) for p in allow]))
+    return parse_config({
+        "reader": {"state_dir": str(state / "state")},
+        "camera": {"source": "replay", "path": str(state)},
+        "policy": {"badges": "badges.json", "hmac_key": "site.key", "repeat_window_s": 0.05},
+        "gpio": {"pin_factory": "mock", "pulse_s": 0.1},
+    }, "<bench>", state)
+
+
+def bench_latency(rows: list[Row], presentations: int) -> None:
+    """Frame-to-relay through the whole reader (capture thread, queue, idle gate, decode,
+    verdict, journal commit, relay) vs the bare decode call on the same frames."""
+    for width, height in ((640, 480), (1280, 720)):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            idle = [_write(folder, f"idle{i}.png", f)
+                    for i, f in enumerate(idle_frames(width, height, 8, seed=7))]
+            payloads = [f"QRG-BENCH:{i:04d}".encode() for i in range(8)]
+            codes = [_write(folder, f"code{i}.png", code_frame(width, height, p, seed=i))
+                     for i, p in enumerate(payloads)]
+            reel: list[Path] = []
+            for i in range(presentations):
+                reel += [idle[(i * 3 + k) % len(idle)] for k in range(3)] + [codes[i % 8]] * 2
+            config = _reader_config(folder, payloads)
+            reports: list[ScanReport] = []
+            source = ReplaySource(reel, fps=30)
+            reader = build_reader(config, pin_factory=make_pin_factory("mock"),  # type: ignore[arg-type]
+                                  source=source, listeners=[reports.append],
+                                  clock_synced=lambda: True)
+            reader.start()
+            reader.wait(presentations * 5 / 30 + 60)
+            reader.stop()
+            f2r = [r.frame_to_relay_ms for r in reports if r.frame_to_relay_ms is not None]
+            added = [r.frame_to_relay_ms - r.decode_ms for r in reports
+                     if r.frame_to_relay_ms is not None]
+            dec = make_decoder("zxing-cpp")
+            bare = []
+            for _ in range(max(1, presentations // 8)):
+                for p in codes:
+                    img = np.asarray(Image.open(p))
+                    t0 = time.perf_counter()
+                    dec.decode(img)
+                    bare.append((time.perf_counter() - t0) * 1000)
+            label = f"{width}x{height}"
+            rows.append(("latency", f"frame→relay {label} ({len(f2r)} grants)",
+                         f"p50 {pct(f2r, 50):.2f} ms, p99 {pct(f2r, 99):.2f} ms",
+                         "p99 ≤ 5 ms" if width == 1280 else ""))
+            rows.append(("latency", f"bare decode {label} (same frames)",
+                         f"p50 {pct(bare, 50):.2f} ms, p99 {pct(bare, 99):.2f} ms", ""))
+            rows.append(("latency", f"pipeline adds {label}",
+                         f"p99 {pct(f2r, 99) - pct(bare, 99):.2f} ms "
+                         f"(per scan, frame→relay − its decode: p50 {pct(added, 50):.2f}, "
+                         f"p99 {pct(added, 99):.2f} ms)", "≤ 1 ms at p99"))
+
+
+def bench_idle_cpu(rows: list[Row], seconds: float) -> None:
+    """The real daemon (subprocess) on an idle 1280x720 scene with camera noise at 30 fps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        reel = folder / "reel"
+        reel.mkdir()
+        for i, f in enumerate(idle_frames(1280, 720, 30, seed=3)):
+            _write(reel, f"{i:03d}.png", f)
+        (folder / "qrgate.toml").write_text(f"""
+[reader]
+state_dir = "{folder / 'state'}"
+[camera]
+source = "replay"
+path = "{reel}"
+fps = 30
+loop = true
+[gpio]
+pin_factory = "mock"
+""")
+        proc = subprocess.Popen([sys.executable, "-m", "firmware.cli", "run", "--config",
+                                 str(folder / "qrgate.toml")], stderr=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, cwd=REPO)
+        try:
+            time.sleep(3.0)  # start-up and first pass through the reel (PNG decoding)
+            c0, t0 = _cpu_s(proc.pid), time.monotonic()
+            time.sleep(seconds)
+            c1, t1 = _cpu_s(proc.pid), time.monotonic()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        rows.append(("idle", "daemon CPU, idle 1280x720 @ 30 fps",
+                     f"{(c1 - c0) / (t1 - t0) * 100:.2f} % of one core", "≤ 5 %"))
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_journal(rows: list[Row]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rate = append_rate(Path(tmp) / "journal.db", seconds=3.0)
+    rows.append(("journal", "appends/s, each waiting for its commit, group fsync on",
+                 f"{rate:,.0f}/s", "≥ 5,000/s"))
+
+
+RSS_CHILD = r"""
+import sys, time
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from drivers.frames import Frame
+from drivers.pins import make_pin_factory
+from drivers.replay import ReplaySource
+from firmware.config import parse_config
+from firmware.daemon import build_reader
+from firmware.demo.reel import code_frame, idle_frames
+
+def rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+state = Path(sys.argv[2])
+(state / "reel").mkdir()
+cfg = parse_config({"reader": {"state_dir": str(state)},
+                    "camera": {"source": "replay", "path": str(state / "reel")},
+                    "policy": {"repeat_window_s": 0.0},
+                    "gpio": {"pin_factory": "mock"}}, "<bench>", state)
+reader = build_reader(cfg, pin_factory=make_pin_factory("mock"),
+                      source=ReplaySource([Path(sys.argv[3])]), clock_synced=lambda: True)
+reader.journal.open()
+frames = [code_frame(640, 480, b"QRG-BENCH:rss", seed=1), idle_frames(640, 480, 1, seed=2)[0]]
+total = int(sys.argv[4])
+marks = {}
+import os
+for i in range(total):
+    reader.scan.handle(Frame(frames[i % 2], time.monotonic_ns(), i))
+    if i + 1 in (1_000, total):
+        marks[i + 1] = (rss_kb(), len(os.listdir("/proc/self/fd")))
+reader.stop()
+print(marks[1_000][0], marks[total][0], marks[1_000][1], marks[total][1], reader.metrics.granted)
+"""
+
+
+def bench_rss(rows: list[Row], total: int) -> None:
+    """RSS after 100,000 frames vs after 1,000 through the real decode → verdict → journal →
+    feedback path (a code frame and an idle frame alternating: every code frame is a grant)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "one.png"
+        _write(Path(tmp), "one.png", idle_frames(64, 64, 1, seed=1)[0])
+        state = Path(tmp) / "state"
+        state.mkdir()
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(REPO), str(state), str(png),
+                              str(total)], capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        rows.append(("memory", "RSS", f"failed: {out.stderr[-300:]}", ""))
+        return
+    r1, r2, fd1, fd2, grants = (int(x) for x in out.stdout.split())
+    rows.append(("memory", f"RSS after {total:,} frames vs 1,000 ({grants:,} grants)",
+                 f"{r1 / 1024:.1f} → {r2 / 1024:.1f} MB: +{(r2 - r1) / 1024:.2f} MB; "
+                 f"fds {fd1} → {fd2}", "growth < 5 MB"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
+    args = ap.parse_args()
+    rows: list[Row] = []
+    steps = [
+        ("decode corpus", lambda: bench_corpus(rows)),
+        ("frame-to-relay latency", lambda: bench_latency(rows, 40 if args.quick else 300)),
+        ("idle CPU", lambda: bench_idle_cpu(rows, 5 if args.quick else 20)),
+        ("journal appends", lambda: bench_journal(rows)),
+        ("memory", lambda: bench_rss(rows, 5_000 if args.quick else 100_000)),
+    ]
+    for name, step in steps:
+        print(f"bench: {name}…", file=sys.stderr, flush=True)
+        step()
+    cpu = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                  if ln.startswith("model name")), "unknown CPU")
+    lines = [f"qrgate bench, {time.strftime('%Y-%m-%d')}, {model}, {os.cpu_count()} cores, "
+             f"Python {sys.version.split()[0]}", "",
+             "| area | measure | result | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {m} | {v} | {t} |" for a, m, v, t in rows]
+    text = "\n".join(lines)
+    print(text)
+    (REPO / "bench.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The real daemon as a subprocess: C12 (second instance), C13(b) (SIGTERM), C20(a) (kill -9
+during a burst: every scan that got feedback survives)."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import segno
+
+from firmware.journal.reader import JournalReader
+from tests.firmware.readers import write_reader_config
+from tests.shared import case_file
+
+QRGATE = [sys.executable, "-m", "firmware.cli"]
+SCAN_LINE = re.compile(r"scan seq=(\d+) ")
+
+
+class Daemon:
+    """A ``qrgate run`` subprocess whose stderr lines are collected by a thread."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen([*QRGATE, "run", "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in io.TextIOWrapper(self.proc.stderr, errors="replace"):
+            with self.changed:
+                self.lines.append(raw)
+                self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float = 60.0) -> bool:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while not any(rx.search(line) for line in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return any(rx.search(line) for line in self.lines)
+                self.changed.wait(min(left, 0.2))
+        return True
+
+    def finish(self, timeout_s: float = 30.0) -> int:
+        code = self.proc.wait(timeout_s)
+        self._reader.join(10)
+        return code
+
+    def scanned_seqs(self) -> set[int]:
+        # only complete lines: a line cut by the kill is not evidence of anything
+        with self.changed:
+            return {int(m.group(1)) for line in self.lines if line.endswith("\n")
+                    for m in [SCAN_LINE.search(line)] if m}
+
+
+@pytest.fixture(scope="module")
+def burst_reel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bytes]]:
+    """500 distinct codes, one per frame: a 500-scan burst."""
+    folder = tmp_path_factory.mktemp("burst")
+    payloads = [f"QRG-BURST:{i:05d}".encode() for i in range(500)]
+    for i, p in enumerate(payloads):
+        segno.make(p, error="m", boost_error=False).save(folder / f"{i:05d}.png", scale=4,
+                                                         border=4)
+    return folder, payloads
+
+
+def test_c20a_kill9_during_burst_loses_no_scan_that_got_feedback(
+        tmp_path: Path, burst_reel: tuple[Path, list[bytes]]) -> None:
+    folder, payloads = burst_reel
+    config = write_reader_config(tmp_path, allow=payloads[::2], reel=folder, fps=240,
+                                 repeat_window_s=60)
+    rng = random.Random(2026)
+    db = tmp_path / "state" / "journal.db"
+    all_seen: set[int] = set()
+    kills = 0
+    for _ in range(50):
+        d = Daemon(config)
+        assert d.wait_for(r"scan seq=", 60), "".join(d.lines[-20:])
+        time.sleep(rng.uniform(0.0, 1.5))
+        d.proc.send_signal(signal.SIGKILL)
+        code = d.finish()
+        kills += code == -signal.SIGKILL
+        seen = d.scanned_seqs()
+        assert seen, "no scan got feedback before the kill"
+        stored = {s.seq for s in JournalReader(db).tail(1_000_000)}
+        assert seen <= stored, f"lost after kill -9: {sorted(seen - stored)[:10]}"
+        all_seen |= seen
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert kills >= 40  # most runs were really cut mid-burst
+    assert len(all_seen) > 50 * 20
+
+
+def looping_config(tmp_path: Path) -> Path:
+    reel = tmp_path / "reel"
+    reel.mkdir()
+    for i, name in enumerate(["B06.png", "B07.png"]):
+        (reel / f"{i}.png").write_bytes(case_file(name).read_bytes())
+    cfg = write_reader_config(tmp_path, allow=[b"DOOR1:7f3a9c21e4b8"], reel=reel, fps=30,
+                              repeat_window_s=0.01)
+    cfg.write_text(cfg.read_text().replace("fps = 30", "fps = 30\nloop = true"))
+    return cfg
+
+
+def test_c12_second_instance_exits_before_touching_anything(tmp_path: Path) -> None:
+    cfg = looping_config(tmp_path)
+    first = Daemon(cfg)
+    try:
+        assert first.wait_for("reader ready"), "".join(first.lines)
+        second = subprocess.run([*QRGATE, "run", "--config", str(cfg)], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 3
+        assert f"another qrgate daemon (pid {first.proc.pid})" in second.stderr
+        assert "reader ready" not in second.stderr
+        # the first one is unharmed and keeps deciding
+        n = len(first.scanned_seqs())
+        assert first.wait_for(r"scan seq=\d+ granted", 30)
+        deadline = time.monotonic() + 30
+        while len(first.scanned_seqs()) <= n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(first.scanned_seqs()) > n and first.proc.poll() is None
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.finish() == 0
+
+
+def test_c13b_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    d = Daemon(looping_config(tmp_path))
+    assert d.wait_for(r"scan seq=\d+ granted", 60), "".join(d.lines)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish(timeout_s=10) == 0
+    assert d.wait_for("stopped:", 1)
+    seen = d.scanned_seqs()
+    stored = {s.seq for s in JournalReader(tmp_path / "state" / "journal.db").tail(100_000)}
+    assert seen <= stored
