@@ -38,6 +38,7 @@ from firmware.policy.subjects import SubjectHasher, load_key
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
+CAPTURE_THREAD, SCAN_THREAD = "qrgate-capture", "qrgate-scan"
 
 def make_source(config: Config) -> FrameSource:
     """The camera named by ``[camera]``. Imports camera libraries lazily."""
@@ -128,7 +129,7 @@ class Reader:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.journal.open()
         self.source.open()
-        for name, body in (("qrgate-capture", self.capture.run), ("qrgate-scan", self.scan.run)):
+        for name, body in ((CAPTURE_THREAD, self.capture.run), (SCAN_THREAD, self.scan.run)):
             t = threading.Thread(target=self._guard, args=(name, body), name=name, daemon=True)
             self._threads.append(t)
             t.start()
@@ -145,8 +146,12 @@ class Reader:
             log.critical("%s thread failed; stopping the reader", name, exc_info=True)
             self.exit_code = 1
             self.feedback.close()
-        finally:
             self.stop_event.set()
+        else:
+            # a finite camera ending closes the frame queue; the scan thread drains it and
+            # its return is what ends the reader, so no frame already captured is lost
+            if name == SCAN_THREAD:
+                self.stop_event.set()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for the reader to need stopping; True if it does."""

@@ -195,6 +195,8 @@ from drivers.replay import ReplaySource
 from firmware.config import parse_config
 from firmware.daemon import build_reader
 from firmware.demo.reel import code_frame, idle_frames
+from firmware.policy.badges import BadgeList, write_badges
+from firmware.policy.subjects import SubjectHasher
 
 def rss_kb():
     for line in open("/proc/self/status"):
@@ -203,9 +205,13 @@ def rss_kb():
 
 state = Path(sys.argv[2])
 (state / "reel").mkdir()
+(state / "site.key").write_text(bytes(32).hex())
+write_badges(state / "badges.json",
+             BadgeList.of(allow=[SubjectHasher(bytes(32)).subject(b"QRG-BENCH:rss")]))
 cfg = parse_config({"reader": {"state_dir": str(state)},
                     "camera": {"source": "replay", "path": str(state / "reel")},
-                    "policy": {"repeat_window_s": 0.0},
+                    "policy": {"repeat_window_s": 0.0, "badges": "badges.json",
+                               "hmac_key": "site.key"},
                     "gpio": {"pin_factory": "mock"}}, "<bench>", state)
 reader = build_reader(cfg, pin_factory=make_pin_factory("mock"),
                       source=ReplaySource([Path(sys.argv[3])]), clock_synced=lambda: True)
