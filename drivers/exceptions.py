@@ -22,7 +22,8 @@ class FrameFileError(FrameSourceError):
 
 
 class PinFactoryError(DriverError):
-    """No GPIO pin factory could be created: fix ``[gpio] pin_factory`` or GPIOZERO_PIN_FACTORY; give up."""
+    """No GPIO pin factory could be created: give up; fix ``[gpio] pin_factory`` or
+    GPIOZERO_PIN_FACTORY and start again."""
 
 
 class FeedbackError(DriverError):

@@ -1,4 +1,4 @@
-"""The frame-source seam: every camera yields :class:`Frame` objects through :class:`FrameSource`."""
+"""The frame-source seam: every camera yields :class:`Frame` objects via :class:`FrameSource`."""
 
 from __future__ import annotations
 

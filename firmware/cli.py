@@ -135,11 +135,10 @@ def decode(files: tuple[Path, ...], backend: str, as_json: bool) -> None:
 def printable(payload: bytes, limit: int = 120) -> str:
     """A payload for a terminal or log line: UTF-8 text with control characters escaped, or
     hex when it is not UTF-8; cut at ``limit`` characters."""
-    text = None
     try:
-        text = payload.decode("utf-8")
+        text: str | None = payload.decode("utf-8")
     except UnicodeDecodeError:
-        pass
+        text = None
     if text is None:
         shown = "hex:" + payload.hex()
     else:
@@ -180,24 +179,24 @@ def journal_tail(config: Path | None, db: Path | None, count: int, as_json: bool
         click.echo(f"qrgate: {e}", err=True)
         sys.exit(2)
     for s in events:
-        e = s.event
+        ev = s.event
         if as_json:
             click.echo(json.dumps({"seq": s.seq, "event_id": s.event_id, "boot_id": s.boot_id,
-                                   "kind": e.kind, "wall_ns": e.wall_ns,
-                                   "clock_synced": e.clock_synced, "door": e.door,
-                                   "direction": e.direction, "decision": e.decision,
-                                   "reason": e.reason, "credential_kind": e.credential_kind,
-                                   "subject": e.subject, "codes": list(e.codes),
-                                   "decode_ms": e.decode_ms, "verdict_ms": e.verdict_ms,
-                                   "frame_to_relay_ms": e.frame_to_relay_ms,
+                                   "kind": ev.kind, "wall_ns": ev.wall_ns,
+                                   "clock_synced": ev.clock_synced, "door": ev.door,
+                                   "direction": ev.direction, "decision": ev.decision,
+                                   "reason": ev.reason, "credential_kind": ev.credential_kind,
+                                   "subject": ev.subject, "codes": list(ev.codes),
+                                   "decode_ms": ev.decode_ms, "verdict_ms": ev.verdict_ms,
+                                   "frame_to_relay_ms": ev.frame_to_relay_ms,
                                    "published": s.published, "acked": s.acked}))
             continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.wall_ns / 1e9))
-        synced = "" if e.clock_synced else "~"
-        f2r = f" {e.frame_to_relay_ms:.1f}ms" if e.frame_to_relay_ms is not None else ""
-        click.echo(f"{s.seq:>8} {synced}{when} {e.door} {e.kind:<8} {e.decision or '-':<7} "
-                   f"{e.reason:<20} {e.credential_kind or '-':<7} "
-                   f"{(e.subject or '-')[:16]}{f2r}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.wall_ns / 1e9))
+        synced = "" if ev.clock_synced else "~"
+        f2r = f" {ev.frame_to_relay_ms:.1f}ms" if ev.frame_to_relay_ms is not None else ""
+        click.echo(f"{s.seq:>8} {synced}{when} {ev.door} {ev.kind:<8} {ev.decision or '-':<7} "
+                   f"{ev.reason:<20} {ev.credential_kind or '-':<7} "
+                   f"{(ev.subject or '-')[:16]}{f2r}")
 
 
 @journal.command("stats")
@@ -256,8 +255,9 @@ def _payload(text: str | None, hex_: str | None) -> bytes:
 @click.option("--hex", "hex_", help="Payload as hex bytes.")
 @click.option("--deny", is_flag=True, help="Put it on the denylist instead of the allowlist.")
 @click.option("--label", default="", help="A name for the allowlist entry.")
-def badge_add(keyfile: Path, listfile: Path, text: str | None, hex_: str | None,
-              deny: bool, label: str) -> None:
+def badge_add(  # noqa: PLR0917 - click passes options positionally
+    keyfile: Path, listfile: Path, text: str | None, hex_: str | None, deny: bool, label: str
+) -> None:
     """Add a badge payload (as its keyed HMAC) to a badge list; bumps the list version."""
     from firmware.policy.badges import BadgeList, load_badges, write_badges
     from firmware.policy.subjects import SubjectHasher, load_key

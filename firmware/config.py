@@ -224,7 +224,9 @@ def _pins(section: _Section) -> Mapping[str, int]:
     return result
 
 
-def parse_config(data: Mapping[str, Any], file: str = "<memory>", base: Path | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any], file: str = "<memory>", base: Path | None = None
+) -> Config:
     """Validate a parsed TOML document into a :class:`Config`. Raises ConfigError."""
     base = base or Path.cwd()
     top = _Section(file, "", dict(data), base)

@@ -17,7 +17,7 @@ class ConfigError(QrgateError):
 
 
 class DecoderError(QrgateError):
-    """A decoder backend cannot be used (library missing, bad image): choose another backend."""
+    """A decoder backend cannot be used (library missing, bad image): pick another backend."""
 
 
 class DecoderUnavailableError(DecoderError):
@@ -25,7 +25,7 @@ class DecoderUnavailableError(DecoderError):
 
 
 class CredentialListError(QrgateError):
-    """A badge/credential list file is unreadable or invalid: the reader keeps its last good list."""
+    """A badge or credential list is unreadable or invalid: the reader keeps its last good list."""
 
 
 class JournalError(QrgateError):

@@ -42,12 +42,12 @@ class ChangeGate:
 
     def _blocks(self, sample: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         assert self._ref is not None
-        diff = cv2.absdiff(sample, self._ref).astype(np.float32)
+        diff: npt.NDArray[np.float32] = cv2.absdiff(sample, self._ref).astype(np.float32)
         h, w = diff.shape
         # INTER_AREA averages each block: the block means in one C call
-        blocks: npt.NDArray[np.float32] = cv2.resize(
+        blocks = cv2.resize(
             diff, (min(_GRID[1], w), min(_GRID[0], h)), interpolation=cv2.INTER_AREA)
-        return blocks
+        return np.asarray(blocks, dtype=np.float32)
 
     def should_decode(self, image: GrayImage) -> bool:
         """True when ``image`` (gray HxW uint8) may hold something new."""

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +238,7 @@ def bench_rss(rows: list[Row], total: int) -> None:
         state = Path(tmp) / "state"
         state.mkdir()
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(REPO), str(state), str(png),
-                              str(total)], capture_output=True, text=True, cwd=REPO)
+                              str(total)], capture_output=True, text=True, cwd=REPO, check=False)
     if out.returncode != 0:
         rows.append(("memory", "RSS", f"failed: {out.stderr[-300:]}", ""))
         return
@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
     args = ap.parse_args()
     rows: list[Row] = []
-    steps = [
+    steps: list[tuple[str, Callable[[], None]]] = [
         ("decode corpus", lambda: bench_corpus(rows)),
         ("frame-to-relay latency", lambda: bench_latency(rows, 40 if args.quick else 300)),
         ("idle CPU", lambda: bench_idle_cpu(rows, 5 if args.quick else 20)),

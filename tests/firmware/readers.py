@@ -6,10 +6,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from drivers.pins import make_pin_factory
-
 from drivers.frames import FrameSource
-from firmware.config import Config, parse_config
+from drivers.pins import make_pin_factory
+from firmware.config import Config
 from firmware.daemon import Reader, build_reader
 from firmware.pipeline import ScanReport
 from firmware.policy.badges import BadgeList, write_badges

@@ -121,7 +121,7 @@ def test_c12_second_instance_exits_before_touching_anything(tmp_path: Path) -> N
     try:
         assert first.wait_for("reader ready"), "".join(first.lines)
         second = subprocess.run([*QRGATE, "run", "--config", str(cfg)], capture_output=True,
-                                text=True, timeout=60)
+                                text=True, timeout=60, check=False)
         assert second.returncode == 3
         assert f"another qrgate daemon (pid {first.proc.pid})" in second.stderr
         assert "reader ready" not in second.stderr

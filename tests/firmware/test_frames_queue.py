@@ -94,7 +94,7 @@ def test_lock_excludes_second_holder_in_another_process(tmp_path: Path) -> None:
                 "try:\n InstanceLock(Path(sys.argv[1])).acquire()\n"
                 "except InstanceLockedError as e:\n print(e); sys.exit(3)\n")
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qrgate.lock")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 3 and "another qrgate daemon" in r.stdout
         with pytest.raises(InstanceLockedError):
             InstanceLock(tmp_path / "qrgate.lock").acquire()
