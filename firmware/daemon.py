@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 CAPTURE_THREAD, SCAN_THREAD = "qrgate-capture", "qrgate-scan"
 
+
 def make_source(config: Config) -> FrameSource:
     """The camera named by ``[camera]``. Imports camera libraries lazily."""
     cam = config.camera
@@ -70,14 +71,22 @@ def make_feedback(config: Config, pin_factory: Any) -> Any:
 
     g = config.gpio
     # the relay first: nothing else may come up while the door line is undefined
-    relay = DoorRelay(g.relay_pin, pin_factory=pin_factory, active_high=g.relay_active_high,
-                      pulse_s=g.pulse_s,
-                      unlock_energises=unlock_energises_for(g.strike))
+    relay = DoorRelay(
+        g.relay_pin,
+        pin_factory=pin_factory,
+        active_high=g.relay_active_high,
+        pulse_s=g.pulse_s,
+        unlock_energises=unlock_energises_for(g.strike),
+    )
     try:
-        light = StatusLight(g.led["red"], g.led["green"], g.led.get("blue"),
-                            pin_factory=pin_factory, active_high=g.led_active_high)
-        beeper = (Beeper(g.buzzer_pin, pin_factory=pin_factory)
-                  if g.buzzer_pin is not None else None)
+        light = StatusLight(
+            g.led["red"],
+            g.led["green"],
+            g.led.get("blue"),
+            pin_factory=pin_factory,
+            active_high=g.led_active_high,
+        )
+        beeper = Beeper(g.buzzer_pin, pin_factory=pin_factory) if g.buzzer_pin is not None else None
     except BaseException:
         relay.close()
         raise
@@ -134,8 +143,12 @@ class Reader:
             self._threads.append(t)
             t.start()
         self.feedback.ready()
-        log.info("reader ready: door %s, camera %s, decoder %s", self.config.reader.door,
-                 self.config.camera.source, self.config.decoder.backend)
+        log.info(
+            "reader ready: door %s, camera %s, decoder %s",
+            self.config.reader.door,
+            self.config.camera.source,
+            self.config.decoder.backend,
+        )
 
     def _guard(self, name: str, body: Callable[[threading.Event], None]) -> None:
         try:
@@ -174,10 +187,16 @@ class Reader:
         """Counts and latencies since start, for the demo and logs."""
         m = self.metrics
         return {
-            "frames": m.frames, "decoded_frames": m.decoded_frames,
-            "skipped_idle": m.skipped_idle, "dropped": self.frames.dropped,
-            "decodes": m.codes, "decisions": m.decisions, "granted": m.granted,
-            "denied": m.denied, "suppressed_repeats": m.suppressed, "errors": m.errors,
+            "frames": m.frames,
+            "decoded_frames": m.decoded_frames,
+            "skipped_idle": m.skipped_idle,
+            "dropped": self.frames.dropped,
+            "decodes": m.codes,
+            "decisions": m.decisions,
+            "granted": m.granted,
+            "denied": m.denied,
+            "suppressed_repeats": m.suppressed,
+            "errors": m.errors,
             "decode_ms_p50": m.decode_ms.percentile(50),
             "frame_to_relay_ms_p50": m.frame_to_relay_ms.percentile(50),
             "frame_to_relay_ms_p99": m.frame_to_relay_ms.percentile(99),
@@ -185,18 +204,38 @@ class Reader:
         }
 
 
-def _incident(journal: Journal, config: Config, code: str, detail: dict[str, object]) -> None:
-    """Journal a reader incident (camera stalled, ...) with the current clocks."""
-    journal.append(NewEvent(
-        kind="incident", wall_ns=time.time_ns(), clock_synced=False,
-        mono_ns=time.monotonic_ns(), door=config.reader.door,
-        direction=config.reader.direction, reason=code, detail=dict(detail)))
+def _incident(
+    journal: Journal, feedback: Any, config: Config, code: str, detail: dict[str, object]
+) -> None:
+    """Journal a reader incident (camera stalled, ...) and show it: the fault pattern while
+    the camera is gone, ready again when it is back."""
+    if code == "camera_recovered":
+        feedback.ready()
+    elif code.startswith("camera_"):
+        feedback.fault()
+    journal.append(
+        NewEvent(
+            kind="incident",
+            wall_ns=time.time_ns(),
+            clock_synced=False,
+            mono_ns=time.monotonic_ns(),
+            door=config.reader.door,
+            direction=config.reader.direction,
+            reason=code,
+            detail=dict(detail),
+        )
+    )
 
 
-def build_reader(config: Config, *, pin_factory: Any = None, source: FrameSource | None = None,
-                 decoder: Decoder | None = None,
-                 listeners: Sequence[Callable[[ScanReport], None]] = (),
-                 clock_synced: Callable[[], bool] | None = None) -> Reader:
+def build_reader(
+    config: Config,
+    *,
+    pin_factory: Any = None,
+    source: FrameSource | None = None,
+    decoder: Decoder | None = None,
+    listeners: Sequence[Callable[[ScanReport], None]] = (),
+    clock_synced: Callable[[], bool] | None = None,
+) -> Reader:
     """Wire a reader from ``config``. Takes the instance lock and creates the outputs (relay
     locked) before anything else; on any failure releases what it took and re-raises.
 
@@ -212,34 +251,61 @@ def build_reader(config: Config, *, pin_factory: Any = None, source: FrameSource
     lock.acquire()
     feedback = None
     try:
-        factory = pin_factory if pin_factory is not None else make_pin_factory(
-            None if config.gpio.pin_factory == "auto" else config.gpio.pin_factory)
+        factory = (
+            pin_factory
+            if pin_factory is not None
+            else make_pin_factory(
+                None if config.gpio.pin_factory == "auto" else config.gpio.pin_factory
+            )
+        )
         feedback = make_feedback(config, factory)
         policy, _ = make_policy(config)
         dec = decoder if decoder is not None else make_decoder(config.decoder.backend)
         frames = FrameQueue(config.decoder.queue)
         metrics = PipelineMetrics()
         j = config.journal
-        journal = Journal(config.journal_path, boot_id=read_boot_id(),
-                          fsync_interval_s=j.fsync_interval_ms / 1000,
-                          append_deadline_s=j.append_deadline_ms / 1000,
-                          max_rows=j.max_rows, max_bytes=int(j.max_mb * 1024 * 1024),
-                          report=lambda code, detail: log.error("journal: %s %s", code, detail))
+        journal = Journal(
+            config.journal_path,
+            boot_id=read_boot_id(),
+            fsync_interval_s=j.fsync_interval_ms / 1000,
+            append_deadline_s=j.append_deadline_ms / 1000,
+            max_rows=j.max_rows,
+            max_bytes=int(j.max_mb * 1024 * 1024),
+            report=lambda code, detail: log.error("journal: %s %s", code, detail),
+        )
         cam = source if source is not None else make_source(config)
         scan = ScanLoop(
-            frames=frames, decoder=dec, policy=policy,
-            seen=RepeatWindow(int(config.policy.repeat_window_s * 1e9)), journal=journal,
+            frames=frames,
+            decoder=dec,
+            policy=policy,
+            seen=RepeatWindow(int(config.policy.repeat_window_s * 1e9)),
+            journal=journal,
             feedback=feedback,
             identity=ReaderIdentity(config.reader.door, config.reader.direction),
             clock_synced=clock_synced or ClockStatus().synced,
             gate=ChangeGate(max_skip=config.decoder.max_idle_skip)
-            if config.decoder.idle_skip else None,
-            metrics=metrics, listeners=tuple(listeners))
-        capture = CaptureLoop(cam, frames, read_timeout_s=config.camera.read_timeout_s,
-                              on_incident=lambda code, detail: _incident(journal, config, code,
-                                                                         detail))
-        return Reader(config=config, lock=lock, feedback=feedback, journal=journal, source=cam,
-                      scan=scan, capture=capture, metrics=metrics, frames=frames)
+            if config.decoder.idle_skip
+            else None,
+            metrics=metrics,
+            listeners=tuple(listeners),
+        )
+        capture = CaptureLoop(
+            cam,
+            frames,
+            read_timeout_s=config.camera.read_timeout_s,
+            on_incident=lambda code, detail: _incident(journal, feedback, config, code, detail),
+        )
+        return Reader(
+            config=config,
+            lock=lock,
+            feedback=feedback,
+            journal=journal,
+            source=cam,
+            scan=scan,
+            capture=capture,
+            metrics=metrics,
+            frames=frames,
+        )
     except BaseException:
         if feedback is not None:
             feedback.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.exceptions import CameraTimeoutError
 from drivers.frames import Frame, FrameSource
 from drivers.replay import ReplaySource
 from firmware.config import load_config
@@ -173,3 +174,38 @@ def test_c13b_stop_mid_pulse(tmp_path: Path) -> None:
     reader.stop()
     assert reader.feedback.relay.is_unlocked is False
     assert not [t for t in threading.enumerate() if t.name.startswith("qrgate-")]
+
+
+class StallingSource(FrameSource):
+    """Times out once (a camera hiccup), then replays B06 frames, then ends."""
+
+    name = "stalling"
+
+    def __init__(self) -> None:
+        self.inner = ReplaySource(frames(("B06.png", 5)), fps=30)
+        self.opens = 0
+        self.stalled = False
+
+    def open(self) -> None:
+        self.opens += 1
+        self.inner.open()
+
+    def read(self, timeout_s: float = 5.0) -> Frame | None:
+        if not self.stalled:
+            self.stalled = True
+            raise CameraTimeoutError("no frame within 5 s")
+        return self.inner.read(timeout_s)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_camera_stall_is_journaled_and_scanning_resumes(tmp_path: Path) -> None:
+    cfg = load_config(write_reader_config(tmp_path, allow=[HELD]))
+    src = StallingSource()
+    reader = make_reader(cfg, src)
+    run_reel(reader)
+    rows = [(s.event.kind, s.event.reason) for s in JournalReader(cfg.journal_path).tail(10)]
+    assert rows == [("incident", "camera_stalled"), ("incident", "camera_recovered"),
+                    ("scan", "granted")]
+    assert src.opens == 2
