@@ -43,3 +43,14 @@ class InstanceLockedError(QrgateError):
 class CorpusError(QrgateError):
     """A QR test corpus (manifest, payload or image file) is unreadable: fix the named file; the
     test or benchmark run stops."""
+
+
+class BrokerError(QrgateError):
+    """The local MQTT broker used by the tests and the demo cannot run (mosquitto missing, bad
+    config, port taken, did not come up in time): no broker process is left behind; install
+    mosquitto (``apt-get install mosquitto``) or read the log tail in the message, then retry."""
+
+
+class BadMessageError(QrgateError):
+    """An inbound MQTT message is oversized or not a JSON object: it is logged with the reason
+    and dropped; the link lives on."""

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-DEB_PACKAGES=(libzbar0 python3-venv)
+DEB_PACKAGES=(libzbar0 python3-venv mosquitto)
 
 say() { printf 'qrgate setup: %s\n' "$*" >&2; }
 

@@ -1,0 +1,1 @@
+"""The MQTT uplink: store-and-forward of the journal, status, telemetry and commands."""

@@ -1,0 +1,157 @@
+"""The MQTT contract between a reader and the back office (version 1).
+
+Every topic is under ``qrgate/v1/<site>/<device>/``; ``<device>`` is the reader's device id
+(board serial or machine-id), ``<site>`` the site name from config. Payloads are UTF-8 JSON
+objects. Topic names and payload shapes here are the contract: the reader (``uplink``) and the
+reference back office (``qrgate ingest``, ``qrgate fleet status``) both build on this module.
+
+========================  ===========  =====  ========  =========================================
+topic (after the prefix)  direction    QoS    retained  payload
+========================  ===========  =====  ========  =========================================
+``status``                reader →     1      yes       birth: ``{"online": true, "device",
+                                                        "site", "door", "version", "boot_id",
+                                                        "backlog", "clock_synced", "camera",
+                                                        "last_scan_wall_ns", "wall_ns"}``; the
+                                                        last will on the same topic:
+                                                        ``{"online": false, "device", "site",
+                                                        "door", "boot_id"}``
+``events``                reader →     1      no        ``{"device", "events": [event, ...]}``,
+                                                        events in seq order (one, or a batch
+                                                        when draining a backlog); an event is
+                                                        the journal row (:func:`event_json`)
+                                                        or a gap record ``{"kind": "gap",
+                                                        "seq", "from_seq", "to_seq", "count",
+                                                        "reason"}``
+``events/ack``            → reader     1      yes       ``{"seq": N}``: the highest seq the
+                                                        back office has stored with every seq
+                                                        below it (contiguous); the reader may
+                                                        forget rows up to N
+``telemetry``             reader →     0      no        ``{"wall_ns", "fps", "decode_ms_p50",
+                                                        "decode_ms_p99", "frames_decoded",
+                                                        "frames_dropped", "cpu_percent",
+                                                        "temperature_c", "disk_free_bytes", ...}``
+``cmd/<name>``            → reader     1      no        ``{"request_id": str, "args": {...}}``;
+                                                        names: ``unlock``, ``reload_config``,
+                                                        ``report_status``
+``cmd/<name>/result``     reader →     1      no        ``{"request_id", "ok": bool,
+                                                        "result" | "error"}``
+``config/desired``        → reader     1      yes       desired configuration (reserved)
+``credentials/snapshot``  → reader     1      yes       reserved: the credentials issue
+``ota/job``, ``ota/state``  both       1      yes       reserved: the OTA issue
+========================  ===========  =====  ========  =========================================
+
+Delivery contract: a reader publishes unsent journal rows in seq order, at most a window of
+unacknowledged QoS 1 publishes at a time; a row is marked published on its PUBACK and is
+forgotten only after ``events/ack`` covers it. Delivery is at least once: the back office
+stores events idempotently by (device, event_id) and acknowledges the highest contiguous seq.
+A gap record stands for seqs the reader had to drop (size cap, full disk) before they were
+acknowledged, so contiguity can continue past them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from firmware.exceptions import BadMessageError
+from firmware.journal.events import StoredEvent
+
+PREFIX = "qrgate/v1"
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Inbound messages larger than this are refused unread (a 1 MB command is hostile)."""
+
+COMMANDS = ("unlock", "reload_config", "report_status")
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topics of one reader. ``site`` and ``device`` must not contain ``/``, ``+``, ``#``."""
+
+    site: str
+    device: str
+
+    def __post_init__(self) -> None:
+        for name, value in (("site", self.site), ("device", self.device)):
+            if not value or any(c in value for c in "/+#\x00"):
+                raise ValueError(f"{name} {value!r} cannot be part of an MQTT topic")
+
+    @property
+    def base(self) -> str:
+        """``qrgate/v1/<site>/<device>``."""
+        return f"{PREFIX}/{self.site}/{self.device}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def events_ack(self) -> str:
+        return f"{self.base}/events/ack"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    def command(self, name: str) -> str:
+        """``.../cmd/<name>``; ``name`` may be ``+`` for a subscription."""
+        return f"{self.base}/cmd/{name}"
+
+    def command_result(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}/result"
+
+    @property
+    def config_desired(self) -> str:
+        return f"{self.base}/config/desired"
+
+
+def parse_topic(topic: str) -> tuple[str, str, str] | None:
+    """(site, device, rest) of a contract topic, or None when it is not one of ours."""
+    parts = topic.split("/", 4)
+    if len(parts) < 5 or f"{parts[0]}/{parts[1]}" != PREFIX:
+        return None
+    return parts[2], parts[3], parts[4]
+
+
+# Subscriptions of the back office (shared subscriptions spread them over ingest workers).
+ALL_EVENTS = f"{PREFIX}/+/+/events"
+ALL_STATUS = f"{PREFIX}/+/+/status"
+
+
+def event_json(stored: StoredEvent) -> dict[str, Any]:
+    """A journal row as it travels in ``events`` (never the raw payload: subjects are HMACs)."""
+    e = stored.event
+    return {
+        "kind": e.kind, "seq": stored.seq, "event_id": stored.event_id,
+        "boot_id": stored.boot_id, "wall_ns": e.wall_ns, "clock_synced": e.clock_synced,
+        "mono_ns": e.mono_ns, "door": e.door, "direction": e.direction,
+        "decision": e.decision, "reason": e.reason, "credential_kind": e.credential_kind,
+        "subject": e.subject, "codes": list(e.codes), "decode_ms": e.decode_ms,
+        "verdict_ms": e.verdict_ms, "frame_to_relay_ms": e.frame_to_relay_ms,
+        "detail": e.detail,
+    }
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def loads(payload: bytes) -> dict[str, Any]:
+    """Parse an inbound payload. Raises BadMessageError (oversized, not UTF-8 JSON, not an
+    object) with a reason fit for a log line."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise BadMessageError(f"{len(payload)} bytes, over the {MAX_MESSAGE_BYTES} limit")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadMessageError(f"not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise BadMessageError(f"not JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(obj, dict):
+        raise BadMessageError(f"a JSON {type(obj).__name__}, not an object")
+    return obj
