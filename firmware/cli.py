@@ -96,7 +96,7 @@ def config_check(file: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 def decode(files: tuple[Path, ...], backend: str, as_json: bool) -> None:
     """Decode the QR codes in image FILES and show their exact payload bytes."""
-    from firmware.decoding.corpus import load_gray
+    from drivers.replay import load_gray
     from firmware.decoding.registry import make_decoder
 
     try:

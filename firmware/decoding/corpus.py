@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
+from drivers.exceptions import FrameFileError
 from drivers.frames import GrayImage
+from drivers.replay import load_gray as replay_load_gray
 from firmware.decoding.codes import DecodedCode
 from firmware.exceptions import CorpusError
 
@@ -78,35 +77,12 @@ def load_manifest(folder: Path) -> list[CorpusItem]:
 
 
 def load_gray(path: Path) -> GrayImage:
-    """Decode an image file (PNG, JPEG, WebP, ... any mode) to an HxW uint8 gray array.
-
-    Palette and bilevel images are expanded, transparency is composited onto white, 16-bit
-    samples keep their high byte, colour becomes ITU-R 601 luma (Pillow's "L"). Pixels are taken
-    as stored (EXIF orientation is not applied; the decoders read any rotation). Raises
-    :class:`CorpusError` when the file cannot be read or decoded.
-    """
+    """Decode an image file to an HxW uint8 gray array, the way the replay camera does
+    (:func:`drivers.replay.load_gray`). Raises :class:`CorpusError` when it cannot be read."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image: Image.Image = opened
-            if image.mode.startswith("I;16") or image.mode == "I":
-                samples = np.asarray(image, dtype=np.int64)
-                gray: GrayImage = np.ascontiguousarray(
-                    np.clip(samples >> 8, 0, 255).astype(np.uint8)
-                )
-                return gray
-            if image.mode == "F":
-                samples_f = np.asarray(image, dtype=np.float64)
-                return np.ascontiguousarray(np.clip(np.rint(samples_f), 0, 255).astype(np.uint8))
-            if image.mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, rgba)
-            return np.ascontiguousarray(np.asarray(image.convert("L"), dtype=np.uint8))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise CorpusError(f"{path}: cannot decode image ({exc})") from exc
+        return replay_load_gray(path)
+    except FrameFileError as exc:
+        raise CorpusError(str(exc)) from exc
 
 
 def read_ok(item: CorpusItem, codes: Iterable[DecodedCode]) -> bool:

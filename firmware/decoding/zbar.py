@@ -112,7 +112,7 @@ class ZbarLibrary:
                 symbol = w.zbar_symbol_next(symbol)
             return symbols
         finally:
-            # Frees the image's symbol set too; the scanner itself is kept for the next frame.
+            # Hands the image's symbols back to the scanner, which keeps them (mchehab/zbar#258).
             w.zbar_image_destroy(zimage)
 
 
@@ -132,9 +132,29 @@ class ZbarCapabilities:
 
 _PROBE_PAYLOAD: Final = b"\xb2\x00qrgate\xff\x07"
 
+RENEW_AFTER_SYMBOLS: Final = 500
+"""Codes a libzbar scanner decodes before it is replaced (bounds mchehab/zbar#258 to ~100 kB)."""
+
+
+class _ScannerSlot:
+    """The decoder's current libzbar scanner, shared with its finalizer."""
+
+    __slots__ = ("scanner", "symbols")
+
+    def __init__(self) -> None:
+        self.scanner: Any = None
+        self.symbols = 0
+
+
+def _free_scanner(lib: ZbarLibrary, slot: _ScannerSlot) -> None:
+    if slot.scanner is not None:
+        scanner, slot.scanner = slot.scanner, None
+        lib.destroy_scanner(scanner)
+
 
 class ZbarDecoder:
-    """QR reader on libzbar. One scanner per instance, reused for every frame.
+    """QR reader on libzbar. One scanner per instance, reused from frame to frame (and renewed
+    after every :data:`RENEW_AFTER_SYMBOLS` decoded codes, to bound a libzbar leak).
 
     ``library``: the libzbar binding (default: loaded here). ``try_variants`` (default on):
     also read light-on-dark (dark mode) and mirrored codes:
@@ -158,19 +178,9 @@ class ZbarDecoder:
 
     def __init__(self, library: ZbarLibrary | None = None, *, try_variants: bool = True) -> None:
         self._lib = library if library is not None else ZbarLibrary()
-        scanner = self._lib.create_scanner()
-        self._scanner: Any = scanner
-        self._free = weakref.finalize(self, self._lib.destroy_scanner, scanner)
-        lib = self._lib
-        if (
-            lib.set_config(scanner, ZBAR_NONE, ZBAR_CFG_ENABLE, 0) != 0
-            or lib.set_config(scanner, ZBAR_QRCODE, ZBAR_CFG_ENABLE, 1) != 0
-        ):
-            self.close()
-            raise DecoderUnavailableError(
-                f"this libzbar cannot enable QR decoding: {_INSTALL_HINT}"
-            )
-        binary_set = lib.set_config(scanner, ZBAR_QRCODE, ZBAR_CFG_BINARY, 1) == 0
+        self._slot = _ScannerSlot()
+        self._free = weakref.finalize(self, _free_scanner, self._lib, self._slot)
+        binary_set = self._renew_scanner()
         self.capabilities = self._self_test(binary_set=binary_set)
         self._try_variants = try_variants
         self._flip_inverted_next = False
@@ -185,20 +195,24 @@ class ZbarDecoder:
         gives ``[]``.
         """
         gray = check_image(image)
-        if not self._free.alive:
+        scanner = self._slot.scanner
+        if scanner is None:
             raise DecoderError("this zbar decoder is closed: make a new one")
         if gray.size == 0:
             return []
         start = time.perf_counter()
-        found = [(symbol, False, False) for symbol in self._lib.scan(self._scanner, gray)]
+        found = [(symbol, False, False) for symbol in self._lib.scan(scanner, gray)]
         if self._try_variants:
             negative: GrayImage = np.invert(gray)
-            found += [(symbol, True, False) for symbol in self._lib.scan(self._scanner, negative)]
+            found += [(symbol, True, False) for symbol in self._lib.scan(scanner, negative)]
             if not found and not self.capabilities.mirrored:
                 inverted = self._flip_inverted_next
                 self._flip_inverted_next = not inverted
                 mirror = np.ascontiguousarray((negative if inverted else gray)[:, ::-1])
-                found += [(s, inverted, True) for s in self._lib.scan(self._scanner, mirror)]
+                found += [(s, inverted, True) for s in self._lib.scan(scanner, mirror)]
+        self._slot.symbols += len(found)
+        if self._slot.symbols >= RENEW_AFTER_SYMBOLS:
+            self._renew_scanner()
         ms = (time.perf_counter() - start) * 1000.0
         width = gray.shape[1]
         codes: list[DecodedCode] = []
@@ -234,17 +248,42 @@ class ZbarDecoder:
     ) -> None:
         self.close()
 
+    def _renew_scanner(self) -> bool:
+        """Replace the scanner with a new, configured one; True if libzbar accepted binary mode.
+
+        libzbar parks every decoded QR symbol in a recycle list it never takes from again
+        (mchehab/zbar#258: ~200 bytes per code here, freed only with the scanner), so a
+        scanner is renewed after RENEW_AFTER_SYMBOLS codes; a new one costs ~6 microseconds.
+        """
+        lib = self._lib
+        scanner = lib.create_scanner()
+        if (
+            lib.set_config(scanner, ZBAR_NONE, ZBAR_CFG_ENABLE, 0) != 0
+            or lib.set_config(scanner, ZBAR_QRCODE, ZBAR_CFG_ENABLE, 1) != 0
+        ):
+            lib.destroy_scanner(scanner)
+            self.close()
+            raise DecoderUnavailableError(
+                f"this libzbar cannot enable QR decoding: {_INSTALL_HINT}"
+            )
+        binary_set = lib.set_config(scanner, ZBAR_QRCODE, ZBAR_CFG_BINARY, 1) == 0
+        old, self._slot.scanner, self._slot.symbols = self._slot.scanner, scanner, 0
+        if old is not None:
+            lib.destroy_scanner(old)
+        return binary_set
+
     def _self_test(self, *, binary_set: bool) -> ZbarCapabilities:
         # A libzbar may accept a setting it does not honour: trust only what it does.
         probe = _probe_image(_PROBE_PAYLOAD)
-        plain = self._lib.scan(self._scanner, probe)
+        scanner = self._slot.scanner
+        plain = self._lib.scan(scanner, probe)
         if not plain:
             self.close()
             raise DecoderUnavailableError(
                 f"libzbar {self._lib.version()} failed to read a generated QR code: {_INSTALL_HINT}"
             )
         binary = binary_set and plain[0][0] == _PROBE_PAYLOAD
-        mirrored = bool(self._lib.scan(self._scanner, np.ascontiguousarray(probe[:, ::-1])))
+        mirrored = bool(self._lib.scan(scanner, np.ascontiguousarray(probe[:, ::-1])))
         return ZbarCapabilities(binary=binary, mirrored=mirrored)
 
 

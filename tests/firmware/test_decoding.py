@@ -13,6 +13,7 @@ import pytest
 import segno
 
 from drivers.frames import GrayImage
+from firmware.decoding import zbar as zbar_module
 from firmware.decoding.cascade import CascadeDecoder
 from firmware.decoding.codes import DecodedCode, Decoder
 from firmware.decoding.corpus import load_gray
@@ -260,6 +261,24 @@ def test_zbar_keeps_one_scanner_and_frees_it_once() -> None:
     assert (lib.created, lib.destroyed) == (1, 1)
     with pytest.raises(DecoderError, match="closed"):
         zbar.decode(case("B06.png"))
+
+
+def test_zbar_renews_its_scanner_after_many_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # libzbar keeps every decoded QR symbol until its scanner is destroyed (mchehab/zbar#258).
+    monkeypatch.setattr(zbar_module, "RENEW_AFTER_SYMBOLS", 3)
+    lib = CountingLibrary()
+    zbar = ZbarDecoder(lib)
+    for _ in range(2):
+        assert payloads(zbar.decode(case("B02.png"))) == [B02_BYTES]
+    assert (lib.created, lib.destroyed) == (1, 0)
+    codes = zbar.decode(case("B02.png"))  # the third code: renewed after this frame
+    assert (lib.created, lib.destroyed) == (2, 1)
+    assert payloads(codes) == [B02_BYTES]
+    # The new scanner has the same settings: raw bytes, QR only.
+    codes = zbar.decode(case("B02.png"))
+    assert payloads(codes) == [B02_BYTES] and codes[0].exact
+    zbar.close()
+    assert (lib.created, lib.destroyed) == (2, 2)
 
 
 def test_zbar_scanner_is_freed_when_the_decoder_is_dropped() -> None:
