@@ -80,13 +80,13 @@ LATENCY_WARMUP = 10
 def append_latency(path: Path, n: int = 300, interval_s: float = 0.02) -> dict[str, float]:
     """How long one append takes at a door's pace: ``n`` appends ``interval_s`` apart.
 
-    Opens a journal at ``path`` with the default settings, appends ``LATENCY_WARMUP``
-    unmeasured events, then ``n`` measured ones on a fixed schedule (the caller idles between
-    them, as the scan thread does between scans), and closes it. The event is built before
-    the clock starts: the figure is the journal's share of the door's critical path. Returns
-    ``p50_ms``, ``p99_ms``, ``max_ms`` (nearest-rank percentiles, milliseconds), ``n`` and
-    ``not_committed`` (appends that spilled or were lost). Raises JournalError when the
-    journal cannot be opened and ValueError when ``n`` < 1.
+    Opens a journal at ``path`` with the default settings and does what the scan thread does
+    for each scan, on a fixed schedule with the caller idle in between: build the event,
+    append it (timed), then ``update_timing`` for it, so the writer's work for one scan runs
+    between two appends as it does in the daemon. ``LATENCY_WARMUP`` scans go first,
+    unmeasured. Returns ``p50_ms``, ``p99_ms``, ``max_ms`` (nearest-rank percentiles of the
+    append calls, milliseconds), ``n`` and ``not_committed`` (appends that spilled or were
+    lost). Raises JournalError when the journal cannot be opened and ValueError when ``n`` < 1.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -95,14 +95,17 @@ def append_latency(path: Path, n: int = 300, interval_s: float = 0.02) -> dict[s
     pause = threading.Event()
     with Journal(Path(path), boot_id="bench") as journal:
         for i in range(LATENCY_WARMUP):
-            journal.append(sample_event(i))
+            receipt = journal.append(sample_event(i))
+            journal.update_timing(receipt.seq, 5.0)
         start = time.perf_counter()
         for i in range(n):
             pause.wait(max(0.0, start + i * interval_s - time.perf_counter()))
             event = sample_event(LATENCY_WARMUP + i)
             t0 = time.perf_counter()
             receipt = journal.append(event)
-            took.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            journal.update_timing(receipt.seq, 5.0)
+            took.append(t1 - t0)
             if receipt.durability != "committed":
                 not_committed += 1
     if not_committed:

@@ -24,6 +24,12 @@ from firmware.journal.events import NewEvent, StoredEvent
 _EVENT_FIELDS = tuple(f.name for f in fields(NewEvent))
 
 
+# One encoder for every call: json.dumps with options builds a new JSONEncoder each time,
+# which doubled the cost of encoding a scan's codes on the append path. Same output; encode()
+# keeps its state per call, so sharing it between threads is safe.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str)
+
+
 def dumps_json(value: Any) -> str:
     """Compact JSON for journal columns and spill lines; never raises.
 
@@ -31,7 +37,7 @@ def dumps_json(value: Any) -> str:
     cycle) becomes ``{"unencodable": repr}``, so a bad ``detail`` never loses the scan.
     """
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)
+        return _ENCODER.encode(value)
     except (ValueError, TypeError, RecursionError):
         return json.dumps({"unencodable": repr(value)[:1000]}, separators=(",", ":"))
 

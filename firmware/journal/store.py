@@ -1,21 +1,24 @@
 """The journal: every scan lands here, in a SQLite (WAL) outbox on local storage.
 
-One writer thread owns the one writer connection; the scan thread hands events to it and
-waits at most ``append_deadline_s`` for the commit. What the database cannot take in time
-goes to the spill log (``<name>.spill``) and is moved into the database later, so a locked,
-full or failing database never holds the door decision up. See :class:`Journal`.
+:meth:`Journal.append` commits in the caller's thread on the one writer connection, guarded
+by a mutex taken with a deadline; a writer thread does everything else (outbox and timing
+updates, moving the spill log in, the size cap, WAL checkpoints). What the database cannot
+take in time goes to the spill log (``<name>.spill``) and is moved into the database later,
+so a locked, full or failing database never holds the door decision up. See :class:`Journal`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,8 +49,11 @@ HWM_PERIOD_S = 2.0
 DROP_CHUNK = 1_000
 
 # The writer's busy timeout is short: a locked database must not keep it from noticing new
-# work, the close request or a released lock; appends spill meanwhile.
+# work, the close request or a released lock; appends spill meanwhile. An append waits for
+# the database lock at most what is left of its deadline, minus this share of the deadline
+# kept for the Python work around the commit.
 WRITER_BUSY_TIMEOUT_MS = 20
+APPEND_BUSY_SHARE = 0.9
 # Opening waits longer for a lock held by someone else (a read of a large file, a CLI).
 OPEN_BUSY_TIMEOUT_S = 5.0
 RETRY_MIN_S = 0.01
@@ -55,6 +61,43 @@ RETRY_MAX_S = 0.5
 CLOSE_GRACE_S = 2.0
 READ_TIMEOUT_S = 5.0
 WAL_SIZE_LIMIT = 4 * MIB
+
+# Appends the caller commits itself before it wakes the writer for the byte cap and the WAL
+# checkpoint. The daemon's update_timing wakes the writer after every scan anyway; this bounds
+# the lag for a caller that never calls it (the benchmark) to a few rows.
+HOUSEKEEPING_EVERY = 16
+# ... and the longest the writer leaves such appends unchecked when no more come.
+HOUSEKEEPING_IDLE_S = 1.0
+# An append that finds this many appends the size cap has not seen yet (the writer starved of
+# CPU, or appends at full speed) goes through the writer, whose transaction applies the cap
+# with the insert: the cap then never lags more rows than this, whatever the scheduling.
+CAP_LAG_MAX = 2 * HOUSEKEEPING_EVERY
+# The writer checkpoints (PASSIVE, on its second connection, without the writer mutex) once
+# the WAL holds this many frames: SQLite's own autocheckpoint default, which it can no longer
+# use because that would run the checkpoint and its two fsyncs inside an append's COMMIT.
+CHECKPOINT_FRAMES = 1000
+# A commit that lands while that checkpoint runs leaves the WAL one short of fully
+# checkpointed, so it cannot restart from the beginning; the writer checkpoints that remainder
+# at most this often.
+CHECKPOINT_RETRY_S = 1.0
+# Appends at full speed can outrun the unlocked checkpoint for ever; past this size the writer
+# checkpoints holding the mutex (appends wait or spill for that one checkpoint), so the WAL
+# stays bounded whatever the load.
+CHECKPOINT_HARD_FRAMES = 2 * CHECKPOINT_FRAMES
+# Without the wal-index to read the WAL size from, checkpoint after this many transactions.
+CHECKPOINT_FALLBACK_TXNS = 250
+# Where the wal-index (the -shm file) keeps mxFrame (the WAL's last valid frame) and
+# nBackfill (frames already copied into the database); native byte order
+# (https://www.sqlite.org/walformat.html).
+_SHM_U32 = struct.Struct("=I")
+_SHM_MXFRAME_AT = 16
+_SHM_NBACKFILL_AT = 96
+# Cap transactions in one writer round for appends committed in their callers' threads; each
+# drops as _enforce_cap does, so a few hold the mutex only briefly.
+CAP_TXNS = 4
+# Events the writer moves into the database in one transaction, so draining a long spill
+# episode does not hold the writer mutex in one long transaction.
+DRAIN_CHUNK = 1_000
 
 # primary result codes (sqlite3.h)
 _SQLITE_BUSY = 5
@@ -84,6 +127,9 @@ EVENT_FIELDS = (
 )
 EVENT_COLUMNS = ("seq", "event_id", "boot_id", *EVENT_FIELDS, "published", "acked")
 SELECT_EVENTS = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
+# The writer's first commit after a complete checkpoint, so that the WAL restart and its
+# header fsync happen in the writer thread, not in an append (see Journal._prime_wal).
+_WAL_RESET = "INSERT OR REPLACE INTO meta (key, value) VALUES ('wal_reset_wall_ns', ?)"
 _INSERT = (
     f"INSERT OR IGNORE INTO events ({', '.join(EVENT_COLUMNS[:-2])}) "
     f"VALUES ({', '.join('?' * (len(EVENT_COLUMNS) - 2))})"
@@ -136,17 +182,19 @@ def _opt_float(v: Any) -> float | None:
 
 
 def row_params(stored: StoredEvent) -> tuple[Any, ...]:
-    """The INSERT parameters for ``stored`` (EVENT_COLUMNS but the two flags).
+    """The INSERT parameters for ``stored`` (EVENT_COLUMNS but the two flags). Raises
+    TypeError/ValueError as :func:`event_values`."""
+    return (stored.seq, stored.event_id, stored.boot_id, *event_values(stored.event))
 
-    Values are coerced to the column types here, in the caller's thread, so a numpy integer
-    or an enum can never make the writer's INSERT fail. Raises TypeError/ValueError for a
-    value that is no number where a number belongs.
+
+def event_values(e: NewEvent) -> tuple[Any, ...]:
+    """The EVENT_FIELDS columns of ``e``, coerced to the column types.
+
+    Coerced here, in the caller's thread, so a numpy integer or an enum can never make the
+    INSERT fail. Raises TypeError/ValueError for a value that is no number where a number
+    belongs.
     """
-    e = stored.event
     return (
-        stored.seq,
-        stored.event_id,
-        stored.boot_id,
         str(e.kind),
         int(e.wall_ns),
         int(bool(e.clock_synced)),
@@ -287,6 +335,7 @@ class _Outcome:
     commits: int = 0
     ok: bool = True
     busy: bool = False  # failed only because another connection holds the lock
+    capped: bool = False  # a committed transaction saw the size cap hold
     reports: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -303,16 +352,34 @@ class Journal:
 
     Files: ``path`` (with SQLite's ``-wal``/``-shm``), ``<name>.spill`` (the spill log) and
     ``<name>.seq`` (the seq high-water mark). ``boot_id``: this boot's id, stored on every row.
-    ``fsync_interval_s``: the group fsync period. ``append_deadline_s``: how long
-    :meth:`append` waits for the commit before it spills. ``max_rows`` / ``max_bytes``: the size
-    cap. ``report(code, detail)``: called on incidents (``journal_damaged``, ``journal_missing``,
-    ``journal_spilling``, ``journal_full``, ``journal_dropped``, ``journal_lost``,
-    ``journal_error``, ``journal_spill_damaged``, ``journal_writer_failed``) from the thread
-    that saw them; it must be quick and must not call back into the journal. ``wall_clock``:
-    ns since the epoch, for gap records, incident events and the names of damaged files.
+    ``fsync_interval_s``: the group fsync period. ``append_deadline_s``: the longest
+    :meth:`append` waits, for the writer mutex and the database lock together, before it
+    spills. ``max_rows`` / ``max_bytes``: the size cap. ``report(code, detail)``: called on
+    incidents (``journal_damaged``, ``journal_missing``, ``journal_spilling``,
+    ``journal_full``, ``journal_dropped``, ``journal_lost``, ``journal_error``,
+    ``journal_spill_damaged``, ``journal_writer_failed``) from the thread that saw them; it
+    must be quick and must not call back into the journal. ``wall_clock``: ns since the epoch,
+    for gap records, incident events, the names of damaged files and the WAL restart commit.
     ``on_connect``: called in the writer thread with the writer connection once it is set up
     (tests use it to set ``PRAGMA max_page_count``, which fails writes exactly like a full
-    disk).
+    disk); appends use that connection from their own threads afterwards.
+
+    Appending. :meth:`append` builds the row, takes the writer mutex (waiting at most the
+    deadline), takes the next seq and commits one INSERT in the calling thread on the one
+    writer connection, its busy timeout cut to what is left of the deadline. It spills (see
+    below) when the mutex is not free in time (the writer holds it in a long operation) or
+    another process holds the database lock until the deadline (C19: the door decision never
+    waits on the database lock beyond ``append_deadline_s``). It hands the event to the writer
+    thread instead, waiting for that commit until the deadline and then spilling, when events
+    are queued for the writer (spilled or failed ones not yet moved in: they go first, which
+    keeps seq order commit order), at the row cap or when the byte cap lags (see Drop
+    policy), and when its own commit failed for a reason other than a lock (a full disk, a
+    damaged file: the writer's handling below). The writer thread does everything else on
+    the same connection under the same mutex, in short transactions: outbox and timing
+    updates, moving spilled events in (``DRAIN_CHUNK`` per transaction), the size cap, the
+    WAL restart commit. It reads the outbox and checkpoints on a second connection, without
+    the mutex. The sync thread's fsyncs use their own file descriptors and never take the
+    mutex.
 
     Durability. :meth:`append` returns "committed" once the row is in the WAL: it survives
     kill -9. SQLite runs ``synchronous=NORMAL``, which does not fsync on commit; a sync thread
@@ -321,11 +388,26 @@ class Journal:
     ``fsync_interval_s`` + one fsync duration after its commit. Measured here (virtio disk,
     default 100 ms): commit to fsynced at most 99 ms over 150 appends at random moments, one
     fsync of the WAL at most 2 ms idle and 6 ms under a flat-out append load; an SD card takes
-    5-50 ms per fsync. SQLite itself fsyncs the WAL before and the database after every
-    checkpoint. A row that got "spilled" is in the
-    spill log (one ``os.write``: survives kill -9) and reaches stable storage on the same
-    schedule; the spill log is emptied only once every event in it is committed *and* that
-    commit has been fsynced. :meth:`wait_durable` waits for the next fsync.
+    5-50 ms per fsync. A row that got "spilled" is in the spill log (one ``os.write``:
+    survives kill -9) and reaches stable storage on the same schedule; the spill log is
+    emptied only once every event in it is committed *and* that commit has been fsynced.
+    :meth:`wait_durable` waits for the next fsync.
+
+    Checkpoints. SQLite's automatic checkpoint is off on the writer connection: it would run
+    inside an append's COMMIT, with its fsyncs. Once the WAL holds ``CHECKPOINT_FRAMES``
+    (1,000, SQLite's own default) frames, the writer thread runs a PASSIVE checkpoint on its
+    second connection without the mutex (SQLite fsyncs the WAL before and the database after
+    it; appends go on meanwhile), then makes the first commit into the checkpointed WAL itself
+    (it sets ``wal_reset_wall_ns`` in ``meta``), which restarts the WAL and fsyncs its new
+    header. So no append checkpoints or fsyncs, except one that lands in the microseconds
+    between the checkpoint's end and that commit. A commit that lands while the checkpoint
+    runs leaves a few frames behind; the writer checkpoints them at most every
+    ``CHECKPOINT_RETRY_S`` (1 s). At a door's pace the WAL so stays near 4 MiB
+    (``journal_size_limit`` truncates it to 4 MiB at each restart). Appends at full speed
+    outrun an unlocked checkpoint, so past ``CHECKPOINT_HARD_FRAMES`` (2,000 frames, 8 MiB)
+    the writer finishes it holding the mutex (appends wait, or spill, for that checkpoint):
+    8-11 MB at most over 30,000 appends at full speed here. A reader holding an old snapshot
+    (a long CLI query) keeps the WAL from restarting until it ends, as with any SQLite WAL.
 
     Seq. Per device, strictly increasing in commit order, continued across restarts from the
     highest seq in the database, the spill log, the gaps table and the ``<name>.seq`` sidecar.
@@ -335,22 +417,31 @@ class Journal:
     readable or remembered in the sidecar, which the sync thread rewrites at most every
     ``HWM_PERIOD_S`` (2 s) or ``HWM_STEP`` (1,000) seqs, and at close.
 
-    Drop policy. The cap never blocks an append and never refuses one: when a commit would
-    leave more than ``max_rows`` rows, or more than ``max_bytes`` bytes of used pages (the file
-    reuses freed pages, so the file stays near ``max_bytes``), the same transaction deletes the
-    oldest rows: first rows the backend acknowledged (acked=1), then rows sent but not
-    acknowledged (published=1), then unsent rows, going 10 % below the limit (at most
-    ``DROP_CHUNK`` rows) so the cap runs rarely. Each dropped run of seqs becomes a ``gaps``
-    row (from_seq, to_seq, count, reason "cap_rows"/"cap_bytes"/"disk_full", wall_ns) for the
-    uplink to send; dropping unacknowledged rows is reported as ``journal_dropped``. On
-    SQLITE_FULL (disk or page limit) the writer drops 10 % of the oldest rows (at most
-    ``DROP_CHUNK``) by the same order, reason "disk_full", and retries once; it drops only when
-    the file has no free page left (else dropping would not help) and never for an event that
-    already failed with SQLITE_FULL (likely too big to ever fit: one such event must not empty
-    the journal). Then it commits the batch event by event, so one event that cannot fit does
-    not hold back the others. What still fails goes to the spill log (moved in later, e.g.
-    after a restart with room); when that write fails too, append returns "lost" (counted,
-    reported). ``append`` never raises for a full, locked or failing disk.
+    Drop policy. The cap never blocks an append and never refuses one. When a commit would
+    leave more than ``max_rows`` rows, the same transaction deletes the oldest rows (an
+    append at the row limit goes through the writer for that). When there are more than
+    ``max_bytes`` bytes of used pages (the file reuses freed pages, so the file stays near
+    ``max_bytes``), the oldest rows go in the same transaction for the writer's own commits,
+    and in the writer's next round for appends that committed themselves: it is woken after
+    ``HOUSEKEEPING_EVERY`` (16) of them, runs at its next outbox or timing update (the daemon
+    sends one after every granted scan) and at the latest ``HOUSEKEEPING_IDLE_S`` (1 s) after
+    the first one; an append that finds ``CAP_LAG_MAX`` (32) of them unseen goes through the
+    writer; :meth:`flush` waits for it. So the used pages may pass ``max_bytes`` by what at
+    most 32 rows hold. Rows go in this order: first rows the backend acknowledged (acked=1),
+    then rows sent but not acknowledged (published=1), then unsent rows, going 10 % below the
+    limit (at most ``DROP_CHUNK`` rows) so the cap runs rarely. Each dropped run of seqs is a
+    ``gaps`` row (from_seq, to_seq, count, reason "cap_rows"/"cap_bytes"/"disk_full",
+    wall_ns) for the uplink to send; dropping unacknowledged rows is reported as
+    ``journal_dropped``. On SQLITE_FULL (disk or page limit; an append that meets it in its
+    own commit hands the event to the writer) the writer drops 10 % of the oldest rows (at
+    most ``DROP_CHUNK``) by the same order, reason "disk_full", and retries once; it drops
+    only when the file has no free page left (else dropping would not help) and never for an
+    event that already failed with SQLITE_FULL (likely too big to ever fit: one such event
+    must not empty the journal). Then it commits the batch event by event, so one event that
+    cannot fit does not hold back the others (the one exception to seq order being commit
+    order). What still fails goes to the spill log (moved in later, e.g. after a restart with
+    room); when that write fails too, append returns "lost" (counted, reported). ``append``
+    never raises for a full, locked or failing disk.
 
     Damage. ``open()`` runs ``PRAGMA quick_check``; a file that fails it or cannot be read as
     a database (zeroed page, truncated, garbage, "file is not a database"), or holds another
@@ -397,6 +488,12 @@ class Journal:
         self._wall = wall_clock
         self._on_connect = on_connect
 
+        # Lock order: _wlock before _lock before nothing; _sync_lock before _lock.
+        # _wlock: whoever holds it may use the writer connection (append, the writer thread).
+        self._wlock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None  # append's cursor on _conn
+        self._busy_ms = int(append_deadline_s * 1000 * APPEND_BUSY_SHARE)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the writer waits here for work
         self._done = threading.Condition(self._lock)  # appends, flush and wait_durable wait here
@@ -413,10 +510,19 @@ class Journal:
         self._spill_clear_gen: int | None = None  # commit gen after which the log may go
         self._spilling = False
 
-        # counters (writer-owned ones are only written by the writer thread)
+        # counters; _committed, _rows, _dropped_*, _commit_gen, _fast_total and _kept_total
+        # change only under _wlock
         self._appended = self._committed = self._spilled = self._lost = 0
         self._dropped_cap = self._dropped_full = 0
         self._rows = 0
+        self._fast_total = 0  # appends committed in the caller's thread
+        self._kept_total = 0  # ... of which the size cap has seen the effect
+        self._keep_requested = False  # flush wants the size cap checked now
+
+        # WAL upkeep (writer thread)
+        self._shm_fd: int | None = None
+        self._ckpt_retry_at = 0.0
+        self._ckpt_gen = 0
         self._page_size = 4096
         self._error_episode = False
         self._full_episode = False
@@ -544,27 +650,140 @@ class Journal:
     def append(self, event: NewEvent) -> Receipt:
         """Store ``event``; return once it is committed (or spilled, or known lost).
 
-        Assigns ``seq`` and a UUIDv7 ``event_id``. Waits at most ``append_deadline_s`` for the
-        writer's commit (plus one ``os.write`` to the spill log when the deadline passes).
-        Durability "committed", "spilled" or "lost" as in :class:`Receipt`. Never raises for a
-        locked, full or failing disk. Raises JournalError when the journal is not open, and
-        TypeError/ValueError when a numeric field holds no number (a bug in the caller).
+        Assigns ``seq`` and a UUIDv7 ``event_id``. Commits in the calling thread; waits at most
+        ``append_deadline_s`` in all for the writer mutex and the database lock (plus one
+        ``os.write`` to the spill log when the deadline passes). Durability "committed",
+        "spilled" or "lost" as in :class:`Receipt`. Never raises for a locked, full or failing
+        disk. Raises JournalError when the journal is not open, and TypeError/ValueError when a
+        numeric field holds no number (a bug in the caller).
         """
         deadline = time.monotonic() + self._deadline
         event_id = uuid7()
-        # build the row outside the lock: JSON encoding is the costly part of an append
-        body = row_params(StoredEvent(0, event_id, self._boot_id, event))[1:]
-        report: tuple[str, dict[str, Any]] | None = None
+        # build the row before taking any lock: JSON encoding is the costly part of an append
+        values = event_values(event)
+        if self._pending:
+            # a backlog (spilled or failing events) goes in first, through the writer, so seq
+            # order stays commit order; the unlocked peek is re-checked under the lock
+            return self._via_writer(self._enqueue_item(event_id, event, values), deadline)
+        wlock = self._wlock
+        if not wlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            # the writer holds the mutex in a long operation: spill rather than wait on
+            return self._spill_new(event_id, event, values)
+        item: _Item | None = None
+        spilled: tuple[Receipt, tuple[str, dict[str, Any]] | None] | None = None
+        try:
+            with self._lock:
+                if self._state != "open":
+                    raise JournalError(f"journal {self.path} is not open")
+                if (
+                    self._pending
+                    or self._writer_dead
+                    or self._rows >= self._max_rows
+                    or self._fast_total - self._kept_total >= CAP_LAG_MAX
+                ):
+                    # the writer's transaction applies the size cap with the insert: at the
+                    # row limit (never exceeded then), or when the cap lags too far behind
+                    item = self._enqueue_locked(event_id, event, values)
+                    seq = 0
+                else:
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    self._appended += 1
+            if item is None:
+                params = (seq, event_id, self._boot_id, *values)
+                done = self._commit_here(params, deadline)
+                if done is True:
+                    return Receipt(seq, event_id, "committed")
+                item = _Item(StoredEvent(seq, event_id, self._boot_id, event), params)
+                with self._lock:
+                    self._add_pending(item)
+                    if done is None:
+                        spilled = self._spill_locked(item, "deadline")
+        finally:
+            wlock.release()
+        if spilled is not None:
+            receipt, report = spilled
+            if report is not None:
+                self._emit(*report)
+            return receipt
+        return self._via_writer(item, deadline)
+
+    def _commit_here(self, params: tuple[Any, ...], deadline: float) -> bool | None:
+        """INSERT ``params`` in autocommit on the writer connection (caller holds _wlock).
+
+        True: committed. None: the database lock stayed taken past the deadline (spill).
+        False: any other failure (a full disk, an error): the writer's transaction handles it
+        as it always did.
+        """
+        cur = self._cursor
+        if cur is None:
+            return False
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        shortened = left_ms < self._busy_ms
+        try:
+            if shortened:
+                # time went on waiting for the mutex: wait for the lock only what is left
+                cur.execute(f"PRAGMA busy_timeout={max(0, left_ms)}")
+            cur.execute(_INSERT, params)
+            n = cur.rowcount
+        except sqlite3.Error as e:
+            conn = self._conn
+            if conn is not None:
+                self._rollback(conn)
+            if errcode(e) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                return None
+            log.debug("append commit failed (%s); the writer takes it over", e)
+            return False
+        finally:
+            if shortened:
+                with contextlib.suppress(sqlite3.Error):
+                    cur.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        self._rows += n
+        self._committed += n
+        self._commit_gen += 1
+        self._fast_total += 1
+        unkept = self._fast_total - self._kept_total
+        if unkept in (1, HOUSEKEEPING_EVERY):
+            # the first one arms the writer's idle timer, the last one is due at once
+            with self._lock:
+                self._work.notify()
+        return True
+
+    def _enqueue_item(self, event_id: str, event: NewEvent, values: tuple[Any, ...]) -> _Item:
         with self._lock:
             if self._state != "open":
                 raise JournalError(f"journal {self.path} is not open")
-            seq = self._next_seq
-            self._next_seq += 1
-            item = _Item(StoredEvent(seq, event_id, self._boot_id, event), (seq, *body))
-            self._pending[seq] = item
-            self._appended += 1
-            self._work_gen += 1
-            self._work.notify()
+            return self._enqueue_locked(event_id, event, values)
+
+    def _enqueue_locked(self, event_id: str, event: NewEvent, values: tuple[Any, ...]) -> _Item:
+        """Give the event its seq and queue it for the writer (caller holds _lock)."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        params = (seq, event_id, self._boot_id, *values)
+        item = _Item(StoredEvent(seq, event_id, self._boot_id, event), params)
+        self._appended += 1
+        self._add_pending(item)
+        return item
+
+    def _add_pending(self, item: _Item) -> None:
+        """Queue ``item`` for the writer in seq order and wake it (caller holds _lock)."""
+        seq = item.stored.seq
+        pending = self._pending
+        later = bool(pending) and next(reversed(pending)) > seq
+        pending[seq] = item
+        if later:
+            # a commit that failed in the caller's thread comes back after another thread
+            # spilled a later seq meanwhile; flush and the writer rely on seq order
+            ordered = sorted(pending.items())
+            pending.clear()
+            pending.update(ordered)
+        self._work_gen += 1
+        self._work.notify()
+
+    def _via_writer(self, item: _Item, deadline: float) -> Receipt:
+        """Wait for the writer to commit ``item`` until the deadline, then spill it."""
+        seq, event_id = item.stored.seq, item.stored.event_id
+        with self._lock:
             while item.state is _PENDING and not item.failed and not self._writer_dead:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -575,6 +794,17 @@ class Journal:
             receipt, report = self._spill_locked(
                 item, "deadline" if not item.failed else "write failed"
             )
+        if report is not None:
+            self._emit(*report)
+        return receipt
+
+    def _spill_new(self, event_id: str, event: NewEvent, values: tuple[Any, ...]) -> Receipt:
+        """Spill an event that never reached the database: the mutex stayed taken."""
+        with self._lock:
+            if self._state != "open":
+                raise JournalError(f"journal {self.path} is not open")
+            item = self._enqueue_locked(event_id, event, values)
+            receipt, report = self._spill_locked(item, "deadline")
         if report is not None:
             self._emit(*report)
         return receipt
@@ -663,15 +893,25 @@ class Journal:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every event appended and every outbox/timing change made before this
-        call is committed (or lost). True if so within ``timeout_s`` seconds."""
+        call is committed (or lost), and the size cap has seen those appends. True if so
+        within ``timeout_s`` seconds."""
         end = time.monotonic() + timeout_s
         with self._lock:
             target_seq, target_op = self._next_seq - 1, self._op_seq
+            target_kept = self._fast_total
+            if self._kept_total < target_kept:
+                self._keep_requested = True
+                self._work_gen += 1
+                self._work.notify()
 
             def done() -> bool:
                 first = next(iter(self._pending), None)
                 waiting_op = any(i <= target_op for i in self._open_ops)
-                return (first is None or first > target_seq) and not waiting_op
+                return (
+                    (first is None or first > target_seq)
+                    and not waiting_op
+                    and self._kept_total >= target_kept
+                )
 
             while not done():
                 remaining = end - time.monotonic()
@@ -729,24 +969,25 @@ class Journal:
     # --- opening (runs in the writer thread) ------------------------------------------------
 
     def _writer_main(self) -> None:
-        conn: sqlite3.Connection | None = None
+        conns: tuple[sqlite3.Connection, sqlite3.Connection] | None = None
         try:
             try:
-                conn, self._opened = self._open_database()
+                conn, rconn, self._opened = self._open_database()
+                conns = (conn, rconn)
             except BaseException as e:
                 self._open_error = e
                 return
             finally:
                 self._ready.set()
-            self._serve(conn)
+            self._serve(conn, rconn)
         except BaseException as e:
             # never die silently: appends now spill at once, and the daemon hears of it
             log.critical("journal writer failed", exc_info=True)
             self._emit("journal_writer_failed", {"error": repr(e)})
         finally:
-            self._writer_exit(conn)
+            self._writer_exit(conns)
 
-    def _open_database(self) -> tuple[sqlite3.Connection, _Opened]:
+    def _open_database(self) -> tuple[sqlite3.Connection, sqlite3.Connection, _Opened]:
         folder = self.path.parent
         if not folder.is_dir():
             raise JournalError(f"journal folder {folder} does not exist")
@@ -781,6 +1022,7 @@ class Journal:
             )
 
         conn = self._connect()
+        rconn: sqlite3.Connection | None = None
         try:
             db_max = conn.execute(
                 "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
@@ -801,8 +1043,20 @@ class Journal:
                 # without a spill log the journal still works; only the fallback is gone
                 log.error("spill log %s unavailable: %s", self.spill_path, e)
                 self._emit("journal_error", {"error": f"spill log unavailable: {e}"})
+            rconn = self._connect_reader()
+            self._shm_fd = self._open_shm()
+            # a fresh WAL's first commit writes and fsyncs its header: let it be this one
+            self._prime_wal(conn)
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            cursor = conn.cursor()
         except BaseException:
+            if rconn is not None:
+                rconn.close()
             conn.close()
+            if self._shm_fd is not None:
+                # after the connections, see _writer_exit
+                os.close(self._shm_fd)
+                self._shm_fd = None
             raise
         for stored in spill.events:
             item = _Item(stored, row_params(stored))
@@ -814,7 +1068,8 @@ class Journal:
         elif spill.size:
             # only torn or damaged lines: nothing to move, the log may go at the next fsync
             self._spill_clear_gen = 0
-        return conn, _Opened(incident, spill.bad_lines)
+        self._conn, self._cursor = conn, cursor
+        return conn, rconn, _Opened(incident, spill.bad_lines)
 
     def _inspect(self) -> tuple[str | None, int]:
         """(what is wrong with the existing file or None, highest seq still readable)."""
@@ -883,7 +1138,13 @@ class Journal:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=OPEN_BUSY_TIMEOUT_S, isolation_level=None)
+            # appends use it from their own threads, always holding _wlock
+            conn = sqlite3.connect(
+                self.path,
+                timeout=OPEN_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         except sqlite3.Error as e:
             raise JournalError(f"cannot create journal {self.path}: {e}") from e
         try:
@@ -892,6 +1153,9 @@ class Journal:
                 raise JournalError(f"journal {self.path} refuses WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            # an automatic checkpoint would run inside an append's COMMIT, with its fsyncs:
+            # the writer thread checkpoints instead (_maintain_wal)
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             has_schema = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'meta'"
             ).fetchone()[0]
@@ -910,13 +1174,37 @@ class Journal:
             raise
         return conn
 
+    def _connect_reader(self) -> sqlite3.Connection:
+        """The writer thread's second connection, for outbox reads and checkpoints: in WAL
+        mode both run beside the writer connection without its lock or the writer mutex.
+        It never writes rows."""
+        try:
+            conn = sqlite3.connect(self.path, timeout=READ_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as e:
+            raise JournalError(f"cannot open journal {self.path}: {e}") from e
+        try:
+            # a checkpoint fsyncs the WAL before and the database after it
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            conn.close()
+            raise JournalError(f"cannot open journal {self.path}: {e}") from e
+        return conn
+
+    def _open_shm(self) -> int | None:
+        try:
+            return os.open(f"{self.path}-shm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.info("no wal-index to read (%s): checkpoints go by transaction count", e)
+            return None
+
     # --- the writer loop ----------------------------------------------------------------
 
-    def _serve(self, conn: sqlite3.Connection) -> None:
+    def _serve(self, conn: sqlite3.Connection, rconn: sqlite3.Connection) -> None:
         backoff = 0.0
         retry_at = 0.0
         last_gen = -1
         closing_deadline: float | None = None
+        kept_at = time.monotonic()
         while True:
             with self._lock:
                 while True:
@@ -924,22 +1212,32 @@ class Journal:
                     if self._state == "closing" and closing_deadline is None:
                         closing_deadline = now + CLOSE_GRACE_S
                     has_work = bool(self._pending) or bool(self._ops)
-                    if closing_deadline is not None and (not has_work or now >= closing_deadline):
-                        return
-                    if has_work and (
-                        backoff == 0.0 or self._work_gen != last_gen or now >= retry_at
+                    unkept = self._fast_total - self._kept_total
+                    if closing_deadline is not None and (
+                        now >= closing_deadline or not (has_work or unkept)
                     ):
+                        return
+                    ready = backoff == 0.0 or self._work_gen != last_gen or now >= retry_at
+                    keep_due = unkept > 0 and (
+                        unkept >= HOUSEKEEPING_EVERY
+                        or self._keep_requested
+                        or closing_deadline is not None
+                        or now >= kept_at + HOUSEKEEPING_IDLE_S
+                    )
+                    if ready and (has_work or keep_due):
                         break
-                    timeout = None if not has_work else retry_at - now
+                    timeout: float | None = None
+                    if not ready:
+                        timeout = retry_at - now
+                    elif unkept:
+                        timeout = kept_at + HOUSEKEEPING_IDLE_S - now
                     if closing_deadline is not None:
                         left = closing_deadline - now
                         timeout = left if timeout is None else min(timeout, left)
                     self._work.wait(timeout)
-                items = list(self._pending.values())
-                ops, self._ops = self._ops, []
                 last_gen = self._work_gen
-            outcome = self._attempt(conn, items, ops)
-            self._apply(outcome)
+            outcome = self._round(conn, rconn)
+            kept_at = time.monotonic()
             for code, detail in outcome.reports:
                 self._emit(code, detail)
             if outcome.ok:
@@ -951,9 +1249,70 @@ class Journal:
                 backoff = min(max(backoff * 2, RETRY_MIN_S), RETRY_MAX_S)
                 retry_at = time.monotonic() + backoff
 
-    def _attempt(self, conn: sqlite3.Connection, items: list[_Item], ops: list[_Op]) -> _Outcome:
+    def _round(self, conn: sqlite3.Connection, rconn: sqlite3.Connection) -> _Outcome:
+        """One writer round: queued events and outbox/timing changes in one transaction, the
+        size cap for the appends committed in their callers' threads, then (without the
+        mutex) the outbox reads and WAL upkeep."""
+        with self._wlock, self._writer_busy(conn):
+            with self._lock:
+                items = list(itertools.islice(self._pending.values(), DRAIN_CHUNK))
+                ops, self._ops = self._ops, []
+                self._keep_requested = False
+            # every append so far committed before this point: the cap below covers them
+            fast_total = self._fast_total
+            write_ops = [o for o in ops if not isinstance(o, _ReadUnpublished)]
+            out = self._attempt(conn, items, write_ops)
+            if (
+                fast_total != self._kept_total
+                and out.ok
+                and (out.capped or self._cap_bytes(conn, out))
+            ):
+                self._kept_total = fast_total
+            self._apply(out)
+        for op in ops:
+            if isinstance(op, _ReadUnpublished):
+                self._serve_read(rconn, op)
+        self._maintain_wal(conn, rconn)
+        return out
+
+    @contextlib.contextmanager
+    def _writer_busy(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """The writer's short busy timeout while it holds _wlock; appends' on release."""
+        conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+
+    def _cap_bytes(self, conn: sqlite3.Connection, out: _Outcome) -> bool:
+        """Apply the byte cap after appends committed in their callers' threads (the row cap
+        never needs it: an append at the row limit goes through the writer). True once the
+        cap holds; False when it still does not after CAP_TXNS transactions (the idle round
+        goes on) or the database refused (``out`` marked failed)."""
+        try:
+            for _ in range(CAP_TXNS):
+                pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+                if pages * self._page_size <= self._max_bytes:
+                    return True
+                # the file keeps freed pages: only the used ones count
+                free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                if (pages - free) * self._page_size <= self._max_bytes:
+                    return True
+                rows = self._rows
+                self._txn(conn, [], [], out)
+                if self._rows == rows:
+                    return True  # nothing left that the cap may drop
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            out.ok = False
+            out.busy = errcode(e) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+            log.debug("size cap deferred: %s", e)
+        return False
+
+    def _attempt(
+        self, conn: sqlite3.Connection, items: list[_Item], write_ops: list[_WriteOp]
+    ) -> _Outcome:
         out = _Outcome()
-        write_ops: list[_WriteOp] = [o for o in ops if not isinstance(o, _ReadUnpublished)]
         if items or write_ops:
             try:
                 out.deferred += self._txn(conn, items, write_ops, out).deferred
@@ -978,10 +1337,91 @@ class Journal:
                         out.reports.append(
                             ("journal_error", {"error": str(e), "code": code, "events": len(items)})
                         )
-        for op in ops:
-            if isinstance(op, _ReadUnpublished):
-                self._serve_read(conn, op)
         return out
+
+    # --- WAL upkeep (writer thread) ------------------------------------------------------
+
+    def _wal_frames(self) -> tuple[int, int] | None:
+        """(frames in the WAL, frames of them already in the database) from the wal-index
+        header, or None when it cannot be read. A lock-free read: good for deciding when to
+        checkpoint, not for anything that must be exact."""
+        fd = self._shm_fd
+        if fd is None:
+            return None
+        try:
+            head = os.pread(fd, _SHM_NBACKFILL_AT + 4, 0)
+        except OSError:
+            return None
+        if len(head) < _SHM_NBACKFILL_AT + 4:
+            return None
+        mx = _SHM_U32.unpack_from(head, _SHM_MXFRAME_AT)[0]
+        return int(mx), int(_SHM_U32.unpack_from(head, _SHM_NBACKFILL_AT)[0])
+
+    def _maintain_wal(self, conn: sqlite3.Connection, rconn: sqlite3.Connection) -> None:
+        """Checkpoint once the WAL has grown, off the append path, and restart it."""
+        frames = self._wal_frames()
+        if frames is None:
+            if self._commit_gen - self._ckpt_gen >= CHECKPOINT_FALLBACK_TXNS:
+                self._ckpt_gen = self._commit_gen
+                if self._checkpoint(rconn):
+                    with self._wlock:
+                        self._prime_wal(conn)
+            return
+        mx, backfill = frames
+        if mx < CHECKPOINT_FRAMES:
+            return
+        now = time.monotonic()
+        if backfill >= mx:
+            # checkpointed, yet not restarted: the restart commit failed (a lock, a full disk)
+            if now >= self._ckpt_retry_at:
+                self._ckpt_retry_at = now + CHECKPOINT_RETRY_S
+                with self._wlock:
+                    self._prime_wal(conn)
+            return
+        if mx - backfill < CHECKPOINT_FRAMES and now < self._ckpt_retry_at:
+            return  # only what a commit racing the last checkpoint left: not every round
+        self._ckpt_retry_at = now + CHECKPOINT_RETRY_S
+        if not self._checkpoint(rconn):
+            return  # a reader's snapshot holds part of the WAL: later
+        with self._wlock:
+            mx, backfill = self._wal_frames() or (mx, backfill)
+            if backfill < mx and mx >= CHECKPOINT_HARD_FRAMES:
+                # commits keep outrunning the checkpoint: finish the few frames they added
+                # holding the mutex, so the WAL stays bounded
+                self._checkpoint(rconn)
+            self._prime_wal(conn)
+
+    @staticmethod
+    def _checkpoint(rconn: sqlite3.Connection) -> bool:
+        """A PASSIVE checkpoint: copies what it can, waits for no lock, and lets commits go
+        on meanwhile. True when it copied every frame it saw (commits made while it ran may
+        remain); False when a reader's snapshot or another checkpoint held some back, or on
+        an error."""
+        try:
+            busy, wal_frames, done = rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            log.warning("journal checkpoint failed: %s", e)
+            return False
+        return bool(busy == 0 and wal_frames == done)
+
+    def _prime_wal(self, conn: sqlite3.Connection) -> None:
+        """Make the first commit into an empty or fully checkpointed WAL (caller holds _wlock
+        or is alone on the connection).
+
+        That commit restarts the WAL from its beginning and, with synchronous=NORMAL, fsyncs
+        the new WAL header: one fsync that would otherwise land in the next append. Skipped
+        when a commit already did it; a failure (a locked or full database) only means the
+        next append pays that fsync.
+        """
+        frames = self._wal_frames()
+        if frames is not None and frames[0] != frames[1]:
+            return
+        try:
+            with self._writer_busy(conn):
+                conn.execute(_WAL_RESET, (str(self._wall()),))
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            log.debug("WAL restart commit skipped: %s", e)
 
     def _on_full(
         self,
@@ -1081,9 +1521,9 @@ class Journal:
                     "UPDATE events SET acked = 1, published = 1 WHERE acked = 0 AND seq <= ?",
                     (op.seq,),
                 )
-        if drop is None:
-            self._enforce_cap(conn, tx)
+        capped = drop is None and self._enforce_cap(conn, tx)
         conn.execute("COMMIT")
+        out.capped = capped
         self._rows += tx.inserted - tx.deleted_cap - tx.deleted_full
         self._committed += tx.inserted
         self._dropped_cap += tx.deleted_cap
@@ -1102,7 +1542,9 @@ class Journal:
             except sqlite3.Error:
                 log.exception("journal rollback failed")
 
-    def _enforce_cap(self, conn: sqlite3.Connection, tx: _Tx) -> None:
+    def _enforce_cap(self, conn: sqlite3.Connection, tx: _Tx) -> bool:
+        """Drop rows for the size cap in ``tx``; True when the byte cap is seen to hold (False
+        after four drops: the writer goes on in further transactions)."""
         rows = self._rows + tx.inserted - tx.deleted_cap
         if rows > self._max_rows:
             slack = max(1, min(self._max_rows // 10, DROP_CHUNK))
@@ -1110,12 +1552,13 @@ class Journal:
         for _ in range(4):
             pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
             if pages * self._page_size <= self._max_bytes:
-                return  # the common case: one cheap header read
+                return True  # the common case: one cheap header read
             free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
             rows = self._rows + tx.inserted - tx.deleted_cap
             if (pages - free) * self._page_size <= self._max_bytes or rows <= 0:
-                return
+                return True
             self._drop_oldest(conn, max(1, min(rows // 10, DROP_CHUNK)), "cap_bytes", tx)
+        return False
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int, reason: str, tx: _Tx) -> None:
         """Delete the ``n`` oldest rows, acked first, then published, then unsent; record
@@ -1222,32 +1665,40 @@ class Journal:
                     self._spill_clear_gen = self._commit_gen
             self._done.notify_all()
 
-    def _writer_exit(self, conn: sqlite3.Connection | None) -> None:
+    def _writer_exit(self, conns: tuple[sqlite3.Connection, sqlite3.Connection] | None) -> None:
         reports: list[tuple[str, dict[str, Any]]] = []
-        with self._lock:
-            self._writer_dead = True
-            if conn is not None:
-                # still pending after the close grace (a lock held through it): keep them in
-                # the spill log for the next start
-                for item in list(self._pending.values()):
-                    if item.state is _PENDING and not item.spilled:
-                        _, report = self._spill_locked(item, "closing")
-                        if report is not None:
-                            reports.append(report)
-                    item.failed = True
-            for op in self._ops:
-                if isinstance(op, _ReadUnpublished):
-                    op.error = "journal closed"
-                    op.done.set()
-            self._done.notify_all()
+        with self._wlock:  # an append in the middle of its commit finishes first
+            with self._lock:
+                self._writer_dead = True
+                if conns is not None:
+                    # still pending after the close grace (a lock held through it): keep them
+                    # in the spill log for the next start
+                    for item in list(self._pending.values()):
+                        if item.state is _PENDING and not item.spilled:
+                            _, report = self._spill_locked(item, "closing")
+                            if report is not None:
+                                reports.append(report)
+                        item.failed = True
+                for op in self._ops:
+                    if isinstance(op, _ReadUnpublished):
+                        op.error = "journal closed"
+                        op.done.set()
+                self._done.notify_all()
+            self._conn = self._cursor = None
         for report in reports:
             self._emit(*report)
-        if conn is not None:
+        if conns is not None:
             self._sync_once()
-            try:
-                conn.close()
-            except sqlite3.Error:
-                log.exception("closing the journal connection failed")
+            for conn in conns:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    log.exception("closing a journal connection failed")
+        if self._shm_fd is not None:
+            # only now: closing any descriptor of the -shm file drops every POSIX lock this
+            # process holds on it, SQLite's included, while a connection is open
+            os.close(self._shm_fd)
+            self._shm_fd = None
 
     # --- group fsync and the seq high-water mark (sync thread) -------------------------------
 
