@@ -19,27 +19,38 @@ class _Timex(ctypes.Structure):
                 ("status", ctypes.c_int), ("_rest", ctypes.c_byte * 256)]
 
 
-def kernel_clock_synced() -> bool:
-    """True when the kernel says NTP has synchronised the clock (adjtimex(2), read-only call).
+class KernelClock:
+    """Asks the kernel whether NTP has synchronised the clock (adjtimex(2), a read-only call
+    of about a microsecond). libc is located once here: ``ctypes.util.find_library`` runs
+    a subprocess, which must never happen on the scan path."""
 
-    False when unsynchronised or when it cannot be asked.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    def __init__(self) -> None:
+        try:
+            self._libc: ctypes.CDLL | None = ctypes.CDLL(
+                ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            self._libc = None
+
+    def __call__(self) -> bool:
+        """True when synchronised; False when not, or when it cannot be asked."""
+        if self._libc is None:
+            return False
         tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
-    except (OSError, AttributeError):
-        return False
-    return state not in (-1, _TIME_ERROR) and not (tx.status & _STA_UNSYNC)
+        try:
+            state = self._libc.adjtimex(ctypes.byref(tx))
+        except AttributeError:
+            return False
+        return bool(state not in (-1, _TIME_ERROR) and not (tx.status & _STA_UNSYNC))
 
 
 class ClockStatus:
     """Caches ``probe()`` for ``ttl_s`` seconds (monotonic), so the scan path never waits."""
 
-    def __init__(self, probe: Callable[[], bool] = kernel_clock_synced, ttl_s: float = 10.0,
+    def __init__(self, probe: Callable[[], bool] | None = None, ttl_s: float = 10.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._probe, self._ttl, self._mono = probe, ttl_s, monotonic
-        self._value = probe()
+        self._probe = probe or KernelClock()
+        self._ttl, self._mono = ttl_s, monotonic
+        self._value = self._probe()
         self._at = monotonic()
 
     def synced(self) -> bool:
