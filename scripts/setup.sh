@@ -45,5 +45,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 say "installing qrgate and its dependencies into $VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+log=$VENV/setup.log
+if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  say "pip install failed (full log: $log)"
+  exit 1
+fi
 echo "$want" > "$stamp"
