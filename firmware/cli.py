@@ -9,13 +9,19 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from drivers.exceptions import DriverError
 from firmware import __version__
 from firmware.exceptions import ConfigError, QrgateError
+
+if TYPE_CHECKING:
+    from firmware.backoffice.mqtt import MqttSettings
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -34,7 +40,10 @@ def main() -> None:
               help="TOML config file.")
 @click.option("-v", "--verbose", is_flag=True)
 def run(config_path: Path, verbose: bool) -> None:
-    """Run the reader daemon until SIGTERM/SIGINT (or the end of a replayed reel)."""
+    """Run the reader daemon until SIGTERM, SIGINT or SIGHUP (or the end of a replayed reel).
+
+    Each of those signals locks the door and stops cleanly; under systemd, Restart= brings the
+    reader back (that is how a changed badge list or config is taken up)."""
     from firmware.config import load_config
     from firmware.daemon import build_reader
     from firmware.logs import log_scan, setup_logging
@@ -54,12 +63,19 @@ def run(config_path: Path, verbose: bool) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reader.stop_event.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: its default action kills the process without locking the door (closing the
+    # SSH session an installer started the daemon from sends it)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         reader.start()
         while not reader.wait(0.5):
             pass
+    except (QrgateError, DriverError) as e:
+        # camera missing, journal unusable...: one clear line, the door locked, non-zero exit
+        reader.stop()
+        click.echo(f"qrgate: cannot start: {e}", err=True)
+        sys.exit(3)
     finally:
         reader.stop()
     logging.getLogger("qrgate").info("stopped: %s", json.dumps(reader.summary()))
@@ -166,7 +182,7 @@ def _journal_path(config: Path | None, db: Path | None) -> Path:
 @journal.command("tail")
 @click.option("--config", type=click.Path(path_type=Path), help="Reader config file.")
 @click.option("--db", type=click.Path(path_type=Path), help="Journal file (instead of --config).")
-@click.option("-n", "count", default=20, show_default=True)
+@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 def journal_tail(config: Path | None, db: Path | None, count: int, as_json: bool) -> None:
     """The newest events, oldest first."""
@@ -239,12 +255,13 @@ def badge_keygen(keyfile: Path) -> None:
 def _payload(text: str | None, hex_: str | None) -> bytes:
     if (text is None) == (hex_ is None):
         raise click.UsageError("give exactly one of --text or --hex")
-    if text is not None:
-        return text.encode("utf-8")
     try:
-        return bytes.fromhex(hex_ or "")
+        payload = text.encode("utf-8") if text is not None else bytes.fromhex(hex_ or "")
     except ValueError:
         raise click.UsageError("--hex must be hexadecimal bytes") from None
+    if not payload:
+        raise click.UsageError("an empty payload can never be scanned")
+    return payload
 
 
 @badge.command("add")
@@ -294,6 +311,181 @@ def demo(reel: Path | None, camera: str | None, state: Path, fps: float) -> None
     _setup_logging(False)
     logging.getLogger().setLevel(logging.WARNING)
     sys.exit(run_demo(state, reel=reel, camera=camera, fps=fps))
+
+
+
+# -- the reference back office ------------------------------------------------------------
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _broker_options(f: _F) -> _F:
+    """--broker and the TLS/login options of the back-office commands."""
+    options = [
+        click.option("--broker", required=True, metavar="HOST[:PORT]",
+                     help="MQTT broker; also mqtt://HOST:PORT or mqtts://HOST:PORT."),
+        click.option("--tls", is_flag=True, help="TLS (implied by --cafile or --certfile)."),
+        click.option("--cafile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="CA certificate (PEM) for the broker [default: the system's]."),
+        click.option("--certfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="Client certificate (PEM) when the broker asks for one."),
+        click.option("--keyfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="Client key (PEM) for --certfile."),
+        click.option("--username", help="MQTT username."),
+        click.option("--password", envvar="QRGATE_MQTT_PASSWORD",
+                     help="MQTT password (better: $QRGATE_MQTT_PASSWORD)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _mqtt_settings(opts: dict[str, Any]) -> MqttSettings:
+    from firmware.backoffice.mqtt import MqttSettings
+
+    try:
+        return MqttSettings.parse(
+            opts["broker"], tls=opts["tls"], ca_file=opts["cafile"], cert_file=opts["certfile"],
+            key_file=opts["keyfile"], username=opts["username"], password=opts["password"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--broker") from None
+
+
+@main.command()
+@_broker_options
+@click.option("--db", required=True, metavar="FILE_OR_URL",
+              help="SQLite file (created if missing) or postgresql://USER@HOST/DB URL.")
+@click.option("--group", default="qrgate-ingest", show_default=True,
+              help="Shared-subscription group: the workers of one group share the events.")
+@click.option("--client-id", help="This worker's MQTT client id, unique per worker and stable "
+              "across its restarts [default: qrgate-ingest-HOSTNAME-GROUP].")
+@click.option("--session-expiry", default=3600, show_default=True,
+              type=click.IntRange(0, 2**32 - 1),
+              help="Seconds the broker keeps this worker's session (and queues its share) "
+                   "while it is away; 0: a clean session each start.")
+@click.option("-v", "--verbose", is_flag=True)
+def ingest(**opts: Any) -> None:
+    """Store readers' events and status from MQTT and publish their acks (until SIGTERM)."""
+    import threading
+
+    from firmware.backoffice.ingest import IngestWorker, serve
+    from firmware.backoffice.store import open_store
+
+    _setup_logging(opts["verbose"])
+    settings = _mqtt_settings(opts)
+    try:
+        store = open_store(opts["db"])
+    except QrgateError as e:
+        click.echo(f"qrgate: {e}", err=True)
+        sys.exit(3)
+    try:
+        try:
+            worker = IngestWorker(store, settings, group=opts["group"],
+                                  client_id=opts["client_id"],
+                                  session_expiry_s=opts["session_expiry"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--group") from None
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        code = serve(worker, stop)
+    finally:
+        store.close()
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--db", required=True, metavar="FILE_OR_URL",
+              help="The store ingest writes: SQLite file or postgresql:// URL.")
+@click.option("--since", required=True, metavar="ISO_DATE",
+              help="Start, e.g. 2025-03-03 or 2025-03-03T08:00 (in --tz unless it has an offset).")
+@click.option("--until", metavar="ISO_DATE", help="End, exclusive [default: now].")
+@click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the rows to this CSV file.")
+@click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also draw a bar chart into this PNG file.")
+@click.option("--tz", "tz_name", help="IANA time zone of the periods [default: this machine's].")
+def report(**opts: Any) -> None:
+    """Entries, exits, granted and denied scans per door, per hour or day."""
+    import datetime as dt
+
+    from rich.console import Console
+
+    from firmware.backoffice import report as rep
+    from firmware.backoffice.store import open_store
+
+    try:
+        tz = rep.zone(opts["tz_name"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tz") from None
+    try:
+        since = rep.parse_when(opts["since"], tz)
+        until = rep.parse_when(opts["until"], tz) if opts["until"] else dt.datetime.now(tz)
+        if until <= since:
+            raise ValueError(f"--until {until.isoformat()} is not after --since")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since/--until") from None
+    try:
+        store = open_store(opts["db"], create=False)
+        try:
+            result = rep.build_report(store, since, until, opts["by"], tz)
+        finally:
+            store.close()
+    except QrgateError as e:
+        click.echo(f"qrgate: {e}", err=True)
+        sys.exit(3)
+    Console().print(rep.report_table(result))
+    try:
+        if opts["csv_path"]:
+            rep.write_csv(result, opts["csv_path"])
+            click.echo(f"wrote {opts['csv_path']}")
+        if opts["png_path"]:
+            rep.write_png(result, opts["png_path"])
+            click.echo(f"wrote {opts['png_path']}")
+    except OSError as e:
+        click.echo(f"qrgate: cannot write: {e}", err=True)
+        sys.exit(3)
+
+
+@main.group()
+def fleet() -> None:
+    """The readers as the broker sees them."""
+
+
+@fleet.command("status")
+@_broker_options
+@click.option("--settle", default=2.0, show_default=True, type=click.FloatRange(0.1, 60.0),
+              help="Seconds to wait for retained statuses at most.")
+@click.option("--tz", "tz_name", help="IANA time zone for times [default: this machine's].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reader.")
+def fleet_status(**opts: Any) -> None:
+    """One table of all readers from their retained status topics."""
+    from rich.console import Console
+
+    from firmware.backoffice.fleet import collect_status, fleet_table
+    from firmware.backoffice.report import zone
+
+    try:
+        tz = zone(opts["tz_name"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tz") from None
+    try:
+        snapshot = collect_status(_mqtt_settings(opts), settle_s=opts["settle"])
+    except QrgateError as e:
+        click.echo(f"qrgate: {e}", err=True)
+        sys.exit(3)
+    for reason in snapshot.malformed:
+        click.echo(f"qrgate: skipped status {reason}", err=True)
+    if opts["as_json"]:
+        for s in snapshot.readers:
+            click.echo(s.payload_json)
+    else:
+        Console().print(fleet_table(snapshot, tz))
 
 
 if __name__ == "__main__":

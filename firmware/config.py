@@ -20,6 +20,8 @@ DECODER_BACKENDS = ("zxing-cpp", "zbar", "cascade")
 DIRECTIONS = ("in", "out", "both")
 STRIKES = ("fail-secure", "fail-safe")
 PIN_FACTORIES = ("auto", "mock", "mock-nopwm", "lgpio", "rpigpio", "pigpio", "native")
+UPLINK_TRANSPORTS = ("tcp", "tls")
+UPLINK_PROTOCOLS = ("3.1.1", "5")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,47 @@ class JournalConfig:
 
 
 @dataclass(frozen=True)
+class UplinkConfig:
+    """The MQTT uplink (off unless ``enabled``).
+
+    ``host``/``port``: the broker (port defaults to 1883 for tcp, 8883 for tls).
+    ``transport``: tcp | tls. ``protocol``: "3.1.1" | "5". ``keepalive_s``: seconds between
+    keepalive pings (30-60 in the field; the broker drops a silent reader after 1.5 x this;
+    lower values are for tests). ``connect_timeout_s``: TCP plus TLS handshake.
+    ``reconnect_min_s``/``reconnect_max_s``: first backoff ceiling and cap (<= 60 s).
+    ``ca``: CA file for the broker's certificate (tls; absent: the system trust store).
+    ``cert``/``key``: client certificate and key (tls; both or neither). ``username`` and
+    ``password_file`` (a file holding the password: it stays out of the config). ``site``:
+    the site name in topics. ``window``: event messages in flight at most. ``batch``: events
+    per message at most while draining a backlog (1: never batch). ``telemetry_s``: seconds
+    between telemetry messages (0: none). ``ha_discovery``: publish Home Assistant discovery.
+    ``resend_after_s``: publish again rows the back office has not acknowledged once its ack
+    stalled this long (0: never).
+    """
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 1883
+    transport: str = "tcp"
+    protocol: str = "3.1.1"
+    keepalive_s: int = 60
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    site: str = "default"
+    window: int = 64
+    batch: int = 50
+    telemetry_s: float = 60.0
+    ha_discovery: bool = False
+    resend_after_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole reader configuration. ``source``: the file it came from ("<defaults>")."""
 
@@ -112,6 +155,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     source: str = "<defaults>"
 
     @property
@@ -159,10 +203,14 @@ class _Section:
             raise self._err(key, expected, value) from None
 
     def text(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
-        expected = "one of " + ", ".join(repr(c) for c in choices) if choices else "a string"
+        expected = ("one of " + ", ".join(repr(c) for c in choices) if choices
+                    else "a non-empty printable string of at most 128 characters")
 
         def check(v: Any) -> str:
-            if not isinstance(v, str) or (choices and v not in choices) or (not choices and not v):
+            if not isinstance(v, str) or (choices and v not in choices):
+                raise ValueError
+            # names end up in logs, terminals and MQTT payloads: no control characters
+            if not choices and not (v and len(v) <= 128 and v.isprintable()):
                 raise ValueError
             return v
 
@@ -231,7 +279,7 @@ def parse_config(
     base = base or Path.cwd()
     top = _Section(file, "", dict(data), base)
     sections = {}
-    for name in ("reader", "camera", "decoder", "policy", "gpio", "journal"):
+    for name in ("reader", "camera", "decoder", "policy", "gpio", "journal", "uplink"):
         top.used.add(name)
         sections[name] = _Section(file, name, data.get(name, {}), base)
     top.done()
@@ -273,7 +321,9 @@ def parse_config(
     policy = PolicyConfig(
         badges=s.path("badges", None),
         hmac_key=s.path("hmac_key", None),
-        repeat_window_s=s.number("repeat_window_s", PolicyConfig.repeat_window_s, 0, 3600),
+        # below half a second a badge held to the camera would re-open the door frame after
+        # frame whenever one frame is missed
+        repeat_window_s=s.number("repeat_window_s", PolicyConfig.repeat_window_s, 0.5, 3600),
         max_payload=s.number("max_payload", PolicyConfig.max_payload, 1, 1 << 20, integer=True),
     )
     if (policy.badges is None) != (policy.hmac_key is None):
@@ -317,8 +367,83 @@ def parse_config(
     )
     s.done()
 
+    uplink = _uplink(sections["uplink"])
+
     return Config(reader=reader, camera=camera, decoder=decoder, policy=policy, gpio=gpio,
-                  journal=journal, source=file)
+                  journal=journal, uplink=uplink, source=file)
+
+
+def _topic_level(v: Any) -> str:
+    if not isinstance(v, str) or not v or len(v) > 64 or any(c in v for c in "/+#\x00 "):
+        raise ValueError
+    return v
+
+
+def _uplink(s: _Section) -> UplinkConfig:
+    file = s.file
+    transport = s.text("transport", UplinkConfig.transport, UPLINK_TRANSPORTS)
+    default_port = 8883 if transport == "tls" else 1883
+    username = s.get("username", None,
+                     lambda v: v if isinstance(v, str) and v else _raise(), "a non-empty string")
+    c = UplinkConfig(
+        enabled=s.flag("enabled", UplinkConfig.enabled),
+        host=s.get("host", "", lambda v: v if isinstance(v, str) and v and not v.isspace()
+                   else _raise(), "a host name or address"),
+        port=s.number("port", default_port, 1, 65535, integer=True),
+        transport=transport,
+        protocol=s.text("protocol", UplinkConfig.protocol, UPLINK_PROTOCOLS),
+        keepalive_s=s.number("keepalive_s", UplinkConfig.keepalive_s, 2, 60, integer=True),
+        connect_timeout_s=s.number("connect_timeout_s", UplinkConfig.connect_timeout_s, 1, 60),
+        reconnect_min_s=s.number("reconnect_min_s", UplinkConfig.reconnect_min_s, 0.05, 10),
+        reconnect_max_s=s.number("reconnect_max_s", UplinkConfig.reconnect_max_s, 1, 60),
+        ca=s.path("ca", None),
+        cert=s.path("cert", None),
+        key=s.path("key", None),
+        username=username,
+        password_file=s.path("password_file", None),
+        site=s.get("site", UplinkConfig.site, _topic_level,
+                   "1-64 characters without '/', '+', '#', spaces or NUL"),
+        window=s.number("window", UplinkConfig.window, 1, 1000, integer=True),
+        batch=s.number("batch", UplinkConfig.batch, 1, 500, integer=True),
+        telemetry_s=_zero_or(s, "telemetry_s", UplinkConfig.telemetry_s, 1, 86400),
+        ha_discovery=s.flag("ha_discovery", UplinkConfig.ha_discovery),
+        resend_after_s=_zero_or(s, "resend_after_s", UplinkConfig.resend_after_s, 1, 86400),
+    )
+    s.done()
+    if c.enabled and not c.host:
+        raise ConfigError(file, "uplink.host", "the broker's host name or address "
+                          "(uplink.enabled is true)", "nothing")
+    if c.reconnect_min_s > c.reconnect_max_s:
+        raise ConfigError(file, "uplink.reconnect_min_s",
+                          f"at most uplink.reconnect_max_s ({c.reconnect_max_s:g})",
+                          _kind(c.reconnect_min_s))
+    if transport != "tls":
+        for key in ("ca", "cert", "key"):
+            value = getattr(c, key)
+            if value is not None:
+                raise ConfigError(file, f"uplink.{key}", "no TLS file with transport 'tcp' "
+                                  "(set uplink.transport = 'tls')", _kind(str(value)))
+    if (c.cert is None) != (c.key is None):
+        missing = "uplink.key" if c.key is None else "uplink.cert"
+        raise ConfigError(file, missing, "both uplink.cert and uplink.key, or neither",
+                          "only one of them")
+    if c.password_file is not None and c.username is None:
+        raise ConfigError(file, "uplink.username", "a username to go with uplink.password_file",
+                          "nothing")
+    return c
+
+
+def _zero_or(s: _Section, key: str, default: float, lo: float, hi: float) -> float:
+    """0 (off) or a number from lo to hi."""
+
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError
+        if v != 0 and not lo <= v <= hi:
+            raise ValueError
+        return float(v)
+
+    return float(s.get(key, default, check, f"0 (off) or a number from {lo:g} to {hi:g}"))
 
 
 def _raise() -> Any:
@@ -337,10 +462,13 @@ def load_config(path: Path) -> Config:
     except OSError as e:
         raise ConfigError(name, "<file>", "a readable TOML file", e.strerror or str(e)) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
         raise ConfigError(name, "<file>", "UTF-8 text", f"invalid byte at offset {e.start}") \
             from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "<file>", "valid TOML", str(e)) from None
+    except RecursionError:
+        raise ConfigError(name, "<file>", "valid TOML", "tables or arrays nested too deeply") \
+            from None
     return parse_config(data, name, path.resolve().parent)

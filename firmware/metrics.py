@@ -48,6 +48,7 @@ class PipelineMetrics:
         self.denied = 0
         self.suppressed = 0
         self.errors = 0
+        self.relay_failures = 0
         self.decode_ms = Latency()
         self.frame_to_relay_ms = Latency()
         self.frame_to_decision_ms = Latency()

@@ -170,10 +170,17 @@ class ScanLoop:
         f2r: float | None = None
         if decision.granted:
             relay_ns = self.feedback.granted()
-            f2r = (relay_ns - frame.t_ns) / 1e6
-            m.granted += 1
-            m.frame_to_relay_ms.add(f2r)
-            self.journal.update_timing(receipt.seq, f2r)
+            if relay_ns < 0:
+                # the relay could not be driven (failed, or closed by a stop in progress): the
+                # row already says granted, so a second row says the door did not open
+                m.relay_failures += 1
+                self.journal.append(self._incident("relay_not_driven",
+                                                   {"scan_seq": receipt.seq}))
+            else:
+                f2r = (relay_ns - frame.t_ns) / 1e6
+                m.granted += 1
+                m.frame_to_relay_ms.add(f2r)
+                self.journal.update_timing(receipt.seq, f2r)
         else:
             self.feedback.denied()
             m.denied += 1
@@ -186,6 +193,11 @@ class ScanLoop:
             except Exception as e:
                 self._throttle.warn("listener", "scan listener %r failed: %s", listener, e)
         return report
+
+    def _incident(self, code: str, detail: dict[str, object]) -> NewEvent:
+        return NewEvent(kind="incident", wall_ns=time.time_ns(), clock_synced=self.clock_synced(),
+                        mono_ns=time.monotonic_ns(), door=self.identity.door,
+                        direction=self.identity.direction, reason=code, detail=dict(detail))
 
     def _event(self, d: Decision, decode_ms: float, verdict_ms: float) -> NewEvent:
         return NewEvent(

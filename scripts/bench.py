@@ -34,7 +34,7 @@ from firmware.pipeline import ScanReport  # noqa: E402
 from firmware.policy.badges import BadgeList, write_badges  # noqa: E402
 from firmware.policy.subjects import SubjectHasher  # noqa: E402
 
-Row = tuple[str, str, str, str]  # section, measure, value, target
+Row = tuple[str, str, str, str, bool | None]  # area, measure, result, target, met
 
 
 def shared_dir() -> Path | None:
@@ -52,7 +52,7 @@ def pct(values: Sequence[float], q: float) -> float:
 def bench_corpus(rows: list[Row]) -> None:
     shared = shared_dir()
     if shared is None:
-        rows.append(("decode", "corpus", "skipped: ../shared/corpus not found", ""))
+        rows.append(("decode", "corpus", "skipped: ../shared/corpus not found", "", None))
         return
     targets = {("cascade", "zxing-blackbox"): 169, ("cascade", "zxing-cpp-samples"): 129}
     for folder in ("zxing-blackbox", "zxing-cpp-samples"):
@@ -70,7 +70,8 @@ def bench_corpus(rows: list[Row]) -> None:
             rows.append(("decode", f"{backend} on {folder}",
                          f"{ok}/{len(items)} read, median {statistics.median(times):.2f} ms, "
                          f"p95 {pct(times, 95):.2f} ms",
-                         f"≥ {target}/{len(items)}" if target else ""))
+                         f"≥ {target}/{len(items)}" if target else "",
+                         ok >= target if target else None))
 
 
 def _write(folder: Path, name: str, image: np.ndarray) -> Path:
@@ -87,7 +88,7 @@ def _reader_config(state: Path, allow: list[bytes]) -> object:
     return parse_config({
         "reader": {"state_dir": str(state / "state")},
         "camera": {"source": "replay", "path": str(state)},
-        "policy": {"badges": "badges.json", "hmac_key": "site.key", "repeat_window_s": 0.05},
+        "policy": {"badges": "badges.json", "hmac_key": "site.key", "repeat_window_s": 0.5},
         "gpio": {"pin_factory": "mock", "pulse_s": 0.1},
     }, "<bench>", state)
 
@@ -129,13 +130,15 @@ def bench_latency(rows: list[Row], presentations: int) -> None:
             label = f"{width}x{height}"
             rows.append(("latency", f"frame→relay {label} ({len(f2r)} grants)",
                          f"p50 {pct(f2r, 50):.2f} ms, p99 {pct(f2r, 99):.2f} ms",
-                         "p99 ≤ 5 ms" if width == 1280 else ""))
+                         "p99 ≤ 5 ms" if width == 1280 else "",
+                         pct(f2r, 99) <= 5.0 if width == 1280 else None))
             rows.append(("latency", f"bare decode {label} (same frames)",
-                         f"p50 {pct(bare, 50):.2f} ms, p99 {pct(bare, 99):.2f} ms", ""))
+                         f"p50 {pct(bare, 50):.2f} ms, p99 {pct(bare, 99):.2f} ms", "", None))
             rows.append(("latency", f"pipeline adds {label}",
                          f"p99 {pct(f2r, 99) - pct(bare, 99):.2f} ms "
                          f"(per scan, frame→relay − its decode: p50 {pct(added, 50):.2f}, "
-                         f"p99 {pct(added, 99):.2f} ms)", "≤ 1 ms at p99"))
+                         f"p99 {pct(added, 99):.2f} ms)", "≤ 1 ms at p99",
+                         pct(f2r, 99) - pct(bare, 99) <= 1.0))
 
 
 def bench_idle_cpu(rows: list[Row], seconds: float) -> None:
@@ -168,8 +171,9 @@ pin_factory = "mock"
         finally:
             proc.terminate()
             proc.wait(30)
+        cpu = (c1 - c0) / (t1 - t0) * 100
         rows.append(("idle", "daemon CPU, idle 1280x720 @ 30 fps",
-                     f"{(c1 - c0) / (t1 - t0) * 100:.2f} % of one core", "≤ 5 %"))
+                     f"{cpu:.2f} % of one core", "≤ 5 %", cpu <= 5.0))
 
 
 def _cpu_s(pid: int) -> float:
@@ -181,7 +185,7 @@ def bench_journal(rows: list[Row]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rate = append_rate(Path(tmp) / "journal.db", seconds=3.0)
     rows.append(("journal", "appends/s, each waiting for its commit, group fsync on",
-                 f"{rate:,.0f}/s", "≥ 5,000/s"))
+                 f"{rate:,.0f}/s", "≥ 5,000/s", rate >= 5000))
 
 
 RSS_CHILD = r"""
@@ -210,10 +214,11 @@ write_badges(state / "badges.json",
              BadgeList.of(allow=[SubjectHasher(bytes(32)).subject(b"QRG-BENCH:rss")]))
 cfg = parse_config({"reader": {"state_dir": str(state)},
                     "camera": {"source": "replay", "path": str(state / "reel")},
-                    "policy": {"repeat_window_s": 0.0, "badges": "badges.json",
+                    "policy": {"repeat_window_s": 0.5, "badges": "badges.json",
                                "hmac_key": "site.key"},
                     "gpio": {"pin_factory": "mock"}}, "<bench>", state)
-reader = build_reader(cfg, pin_factory=make_pin_factory("mock"),
+factory = make_pin_factory("mock")
+reader = build_reader(cfg, pin_factory=factory,
                       source=ReplaySource([Path(sys.argv[3])]), clock_synced=lambda: True)
 reader.journal.open()
 frames = [code_frame(640, 480, b"QRG-BENCH:rss", seed=1), idle_frames(640, 480, 1, seed=2)[0]]
@@ -221,7 +226,12 @@ total = int(sys.argv[4])
 marks = {}
 import os
 for i in range(total):
-    reader.scan.handle(Frame(frames[i % 2], time.monotonic_ns(), i))
+    # capture times 1 s apart: every code frame is a new presentation, so a grant
+    reader.scan.handle(Frame(frames[i % 2], i * 1_000_000_000, i))
+    if i % 1000 == 999:
+        # gpiozero's mock pins record every level change: that is the harness, not the reader
+        for pin in factory.pins.values():
+            pin.clear_states()
     if i + 1 in (1_000, total):
         marks[i + 1] = (rss_kb(), len(os.listdir("/proc/self/fd")))
 reader.stop()
@@ -240,12 +250,12 @@ def bench_rss(rows: list[Row], total: int) -> None:
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(REPO), str(state), str(png),
                               str(total)], capture_output=True, text=True, cwd=REPO, check=False)
     if out.returncode != 0:
-        rows.append(("memory", "RSS", f"failed: {out.stderr[-300:]}", ""))
+        rows.append(("memory", "RSS", f"failed: {out.stderr[-300:]}", "", False))
         return
     r1, r2, fd1, fd2, grants = (int(x) for x in out.stdout.split())
     rows.append(("memory", f"RSS after {total:,} frames vs 1,000 ({grants:,} grants)",
                  f"{r1 / 1024:.1f} → {r2 / 1024:.1f} MB: +{(r2 - r1) / 1024:.2f} MB; "
-                 f"fds {fd1} → {fd2}", "growth < 5 MB"))
+                 f"fds {fd1} → {fd2}", "growth < 5 MB", r2 - r1 < 5 * 1024 and fd1 == fd2))
 
 
 def main() -> None:
@@ -268,11 +278,15 @@ def main() -> None:
                   if ln.startswith("model name")), "unknown CPU")
     lines = [f"qrgate bench, {time.strftime('%Y-%m-%d')}, {model}, {os.cpu_count()} cores, "
              f"Python {sys.version.split()[0]}", "",
-             "| area | measure | result | target |", "|---|---|---|---|"]
-    lines += [f"| {a} | {m} | {v} | {t} |" for a, m, v, t in rows]
+             "| area | measure | result | target | met |", "|---|---|---|---|---|"]
+    verdict = {True: "yes", False: "**no**", None: ""}
+    lines += [f"| {a} | {m} | {v} | {t} | {verdict[ok]} |" for a, m, v, t, ok in rows]
+    missed = sum(ok is False for *_, ok in rows)
+    lines += ["", f"{missed} target(s) missed." if missed else "Every target met."]
     text = "\n".join(lines)
     print(text)
     (REPO / "bench.md").write_text(text + "\n")
+    sys.exit(1 if missed else 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ so a locked, full or failing database never holds the door decision up. See :cla
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -538,6 +539,7 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._sync_stop = threading.Event()
         self._wal_fd: int | None = None
+        self._writer_lock_fd: int | None = None
         self._wal_ident: tuple[int, int] | None = None
         self._sync_error_reported = False
         self._hwm_written = 0
@@ -564,6 +566,7 @@ class Journal:
                 return
             if self._state != "new":
                 raise JournalError(f"journal {self.path} was closed; make a new Journal")
+        self._take_writer_lock()
         writer = threading.Thread(
             target=self._writer_main, name="qrgate-journal-writer", daemon=True
         )
@@ -571,6 +574,7 @@ class Journal:
         self._ready.wait()
         if self._open_error is not None or self._opened is None:
             writer.join()
+            self._drop_writer_lock()
             with self._lock:
                 self._state = "closed"
             err = self._open_error
@@ -632,6 +636,29 @@ class Journal:
         with self._lock:
             self._spill.close()
             self._state = "closed"
+        self._drop_writer_lock()
+
+    def _take_writer_lock(self) -> None:
+        # One writer per journal file, whichever config pointed two daemons at it: two
+        # processes each counting seqs would hand out the same seq twice.
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise JournalError(f"cannot create {lock_path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(
+                f"another process is writing the journal {self.path}: stop it, or give this "
+                "reader its own journal.path; giving up") from None
+        self._writer_lock_fd = fd
+
+    def _drop_writer_lock(self) -> None:
+        fd, self._writer_lock_fd = self._writer_lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> Journal:
         self.open()
@@ -1001,6 +1028,10 @@ class Journal:
         readable_max = 0
         if self.path.exists() and not self.path.is_dir():
             problem, readable_max = self._inspect()
+            if problem is None and hwm and self.path.stat().st_size == 0:
+                # SQLite takes a 0-byte file for a new empty database; the sidecar says rows
+                # lived here, so rows were lost: report it and keep seq above the old ones
+                problem = "empty file (0 bytes) where a journal with rows was"
             if problem is not None:
                 moved = self._move_aside("damaged")
                 incident = (

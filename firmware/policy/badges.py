@@ -6,8 +6,9 @@ Badge list file (JSON, UTF-8)::
      "allow": [{"subject": "<hex HMAC-SHA256>", "label": "alice"}, ...],
      "deny":  ["<hex HMAC-SHA256>", ...]}
 
-``subject`` is HMAC-SHA256(site key, payload bytes) in hex (``qrgate badge hash``). A subject
-on both lists is denied: the denylist wins.
+``subject`` is HMAC-SHA256(site key, payload bytes) in hex (``qrgate badge add`` computes
+it). A subject on both lists is denied: the denylist wins. Unknown keys are refused, so a
+typo never silently empties a list.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class BadgeKind:
 
 
 def _fail(path: Path, what: str) -> CredentialListError:
-    return CredentialListError(f"{path}: {what}; the reader keeps its last good badge list")
+    return CredentialListError(f"{path}: {what}; fix the file (a running reader keeps its "
+                               "last good badge list)")
 
 
 def _subject(path: Path, where: str, v: Any) -> str:
@@ -87,8 +89,13 @@ def load_badges(path: Path) -> BadgeList:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise _fail(path, "not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise _fail(path, "expected a JSON object with 'allow' and 'deny'")
+    unknown = sorted(set(data) - {"version", "allow", "deny"})
+    if unknown:
+        raise _fail(path, f"unknown key {unknown[0]!r:.40} (expected version, allow, deny)")
     version = data.get("version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise _fail(path, f"'version' must be an integer, found {version!r:.40}")
@@ -105,8 +112,10 @@ def load_badges(path: Path) -> BadgeList:
             raise _fail(path, f"allow[{i}]: expected an object {{subject, label}}")
         s = _subject(path, f"allow[{i}].subject", entry.get("subject"))
         allow.add(s)
-        label = entry.get("label")
-        if isinstance(label, str):
+        label = entry.get("label", "")
+        if not isinstance(label, str):
+            raise _fail(path, f"allow[{i}].label: expected a string, found {label!r:.40}")
+        if label:
             labels[s] = label
     deny = {_subject(path, f"deny[{i}]", e) for i, e in enumerate(deny_raw)}
     return BadgeList(frozenset(allow), frozenset(deny), labels, version)

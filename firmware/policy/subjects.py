@@ -34,7 +34,11 @@ def load_key(path: Path) -> bytes:
     """Read a site key file: hex text (whitespace ignored). Raises CredentialListError."""
     try:
         text = path.read_text(encoding="ascii").strip()
-        return bytes.fromhex(text)
+        key = bytes.fromhex(text)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CredentialListError(f"{path}: cannot read the site HMAC key (hex text): {e}; "
                                   "fix the file, the reader cannot start without it") from None
+    if len(key) < MIN_KEY_BYTES or len(set(key)) == 1:
+        raise CredentialListError(f"{path}: the site HMAC key must be at least {MIN_KEY_BYTES} "
+                                  "random bytes; make one with `qrgate badge keygen`")
+    return key

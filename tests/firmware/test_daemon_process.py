@@ -107,10 +107,11 @@ def test_c20a_kill9_during_burst_loses_no_scan_that_got_feedback(
 def looping_config(tmp_path: Path) -> Path:
     reel = tmp_path / "reel"
     reel.mkdir()
-    for i, name in enumerate(["B06.png", "B07.png"]):
-        (reel / f"{i}.png").write_bytes(case_file(name).read_bytes())
+    # the badge for one frame, then 0.7 s of empty wall: a new presentation every loop
+    for i, name in enumerate(["B06.png"] + ["B07.png"] * 20):
+        (reel / f"{i:02d}.png").write_bytes(case_file(name).read_bytes())
     cfg = write_reader_config(tmp_path, allow=[b"DOOR1:7f3a9c21e4b8"], reel=reel, fps=30,
-                              repeat_window_s=0.01)
+                              repeat_window_s=0.5)
     cfg.write_text(cfg.read_text().replace("fps = 30", "fps = 30\nloop = true"))
     return cfg
 
@@ -146,3 +147,20 @@ def test_c13b_sigterm_stops_cleanly(tmp_path: Path) -> None:
     seen = d.scanned_seqs()
     stored = {s.seq for s in JournalReader(tmp_path / "state" / "journal.db").tail(100_000)}
     assert seen <= stored
+
+
+def test_sighup_locks_and_stops_cleanly(tmp_path: Path) -> None:
+    d = Daemon(looping_config(tmp_path))
+    assert d.wait_for(r"scan seq=\d+ granted", 60), "".join(d.lines)
+    d.proc.send_signal(signal.SIGHUP)
+    assert d.finish(timeout_s=10) == 0
+    assert d.wait_for("stopped:", 1)
+
+
+def test_missing_camera_is_one_clear_line(tmp_path: Path) -> None:
+    cfg = write_reader_config(tmp_path, reel=tmp_path / "no-such-reel")
+    r = subprocess.run([*QRGATE, "run", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 3
+    assert "qrgate: cannot start:" in r.stderr and "no-such-reel" in r.stderr
+    assert "Traceback" not in r.stderr

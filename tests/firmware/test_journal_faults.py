@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
+from firmware.exceptions import JournalError
 from firmware.journal.events import NewEvent
+from firmware.journal.reader import JournalReader
 from firmware.journal.store import HWM_MARGIN, Journal
 from tests.firmware.test_journal import (
     BOOT,
@@ -492,3 +494,43 @@ def test_a_failing_database_spills_at_once_and_reports_once(tmp_path: Path) -> N
     with journal(path) as j:  # a healthy start moves them in
         assert j.flush()
     assert db_rows(path) == [(r.seq, r.event_id) for r in receipts]
+
+
+def test_one_writer_per_journal_file(tmp_path: Path) -> None:
+    """Two daemons whose configs point at one journal: the second cannot open it (seqs would
+    collide and rows vanish behind INSERT OR IGNORE)."""
+    first = Journal(tmp_path / "j.db", boot_id="a")
+    first.open()
+    try:
+        second = Journal(tmp_path / "j.db", boot_id="b")
+        with pytest.raises(JournalError, match="another process is writing"):
+            second.open()
+    finally:
+        first.close()
+    third = Journal(tmp_path / "j.db", boot_id="c")
+    third.open()
+    third.close()
+
+
+def test_zero_byte_journal_with_history_is_an_incident(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    j = Journal(path, boot_id="a")
+    j.open()
+    last = 0
+    for i in range(5):
+        last = j.append(NewEvent(kind="scan", wall_ns=i, clock_synced=False, mono_ns=i,
+                                 door="d", direction="in")).seq
+    j.close()
+    for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if side.exists():
+            side.write_bytes(b"")
+    j = Journal(path, boot_id="b")
+    j.open()
+    try:
+        rows = [s for s in JournalReader(path).tail(10)]
+        assert [r.event.reason for r in rows] == ["journal_damaged"]
+        assert rows[0].seq > last
+        assert "0 bytes" in rows[0].event.detail["error"]
+    finally:
+        j.close()
+    assert list(tmp_path.glob("j.db.damaged-*"))

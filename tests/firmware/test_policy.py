@@ -129,6 +129,9 @@ def test_badge_file_round_trip(tmp_path: Path) -> None:
     ('{"allow": ["abc"]}', "allow[0]"),
     ('{"deny": ["' + "z" * 64 + '"]}', "not hex"),
     ('{"version": "2"}', "version"),
+    ('{"alow": []}', "unknown key 'alow'"),
+    ('{"allow": [{"subject": "' + "a" * 64 + '", "label": 7}]}', "allow[0].label"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_broken_badge_file_named_error(tmp_path: Path, content: str, needle: str) -> None:
     f = tmp_path / "badges.json"
@@ -143,6 +146,9 @@ def test_key_file(tmp_path: Path) -> None:
     assert load_key(f) == KEY
     f.write_text("not hex")
     with pytest.raises(CredentialListError, match="site HMAC key"):
+        load_key(f)
+    f.write_text("00" * 32)  # not random: any HMAC under it is a plain hash
+    with pytest.raises(CredentialListError, match=f"{f}: the site HMAC key must be"):
         load_key(f)
 
 

@@ -209,3 +209,16 @@ def test_camera_stall_is_journaled_and_scanning_resumes(tmp_path: Path) -> None:
     assert rows == [("incident", "camera_stalled"), ("incident", "camera_recovered"),
                     ("scan", "granted")]
     assert src.opens == 2
+
+
+def test_grant_whose_relay_cannot_be_driven_is_recorded(tmp_path: Path) -> None:
+    cfg = load_config(write_reader_config(tmp_path, allow=[HELD]))
+    reader = make_reader(cfg, ReplaySource(frames(("B06.png", 3)), fps=30))
+    reader.feedback.relay.close()  # a dead relay driver: Feedback.granted() returns -1
+    run_reel(reader)
+    rows = [(s.event.kind, s.event.reason, s.event.detail)
+            for s in JournalReader(cfg.journal_path).tail(10)]
+    assert rows[0][:2] == ("scan", "granted")
+    assert rows[1][:2] == ("incident", "relay_not_driven") and rows[1][2]["scan_seq"] == 1
+    assert reader.metrics.granted == 0 and reader.metrics.relay_failures == 1
+    assert reader.metrics.frame_to_relay_ms.count == 0
