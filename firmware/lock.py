@@ -41,7 +41,7 @@ class InstanceLock:
             pid = self.holder()
             raise InstanceLockedError(
                 f"another qrgate daemon (pid {pid or 'unknown'}) holds {self.path}: "
-                "stop it first, or send maintenance actions through it") from None
+                "stop it first; giving up") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
