@@ -209,9 +209,9 @@ def rss_kb():
 
 state = Path(sys.argv[2])
 (state / "reel").mkdir()
-(state / "site.key").write_text(bytes(32).hex())
+(state / "site.key").write_text(bytes(range(32)).hex())
 write_badges(state / "badges.json",
-             BadgeList.of(allow=[SubjectHasher(bytes(32)).subject(b"QRG-BENCH:rss")]))
+             BadgeList.of(allow=[SubjectHasher(bytes(range(32))).subject(b"QRG-BENCH:rss")]))
 cfg = parse_config({"reader": {"state_dir": str(state)},
                     "camera": {"source": "replay", "path": str(state / "reel")},
                     "policy": {"repeat_window_s": 0.5, "badges": "badges.json",
