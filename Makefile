@@ -14,6 +14,7 @@ demo: $(STAMP)
 	@$(BIN)/qrgate demo $(if $(REEL),--reel "$(REEL)") $(if $(CAMERA),--camera "$(CAMERA)")
 
 test: $(STAMP)
+	@bash scripts/setup.sh --test
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -54,3 +54,39 @@ class BrokerError(QrgateError):
 class BadMessageError(QrgateError):
     """An inbound MQTT message is oversized or not a JSON object: it is logged with the reason
     and dropped; the link lives on."""
+
+
+class StoreError(QrgateError):
+    """The back office's event store cannot be opened or written (no such file, server down,
+    database locked past the busy timeout, schema newer than this code): ``qrgate report`` and
+    ``qrgate fleet`` exit with the reason; ``qrgate ingest`` leaves the message unacknowledged
+    and retries it with backoff, so the broker keeps it and the reader keeps its rows."""
+
+
+class BrokerConnectError(QrgateError):
+    """The back office cannot reach or log in to the MQTT broker (wrong host or port, TLS or
+    credentials refused): the command exits with the reason; check ``--broker`` and the TLS
+    options. A running ``qrgate ingest`` does not raise it: it reconnects with backoff."""
+
+
+class ClientIdTakenError(QrgateError):
+    """Another MQTT client connected with this ingest worker's client id and the broker closed
+    this one: the worker stops instead of fighting over the session; give every worker its own
+    ``--client-id`` and start it again."""
+
+
+class DeviceIdentityError(QrgateError):
+    """The reader cannot tell its own device id (no board serial, no machine-id): the reader
+    still decides scans and journals them, but runs without the MQTT uplink; fix the board or
+    write /etc/machine-id (``systemd-machine-id-setup``) and restart."""
+
+
+class CommandError(QrgateError):
+    """A back-office command was refused or failed: its result message says why (``ok``
+    false); the reader carries on unchanged."""
+
+
+class StoreRetryAbortedError(StoreError):
+    """The store stayed unusable until the ingest worker was told to stop: the message in
+    hand is neither stored nor acknowledged, so the broker delivers it again when the worker
+    (the same client id) comes back."""

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Sets up everything `make demo` and `make test` need on Debian / Raspberry Pi OS:
 # Debian packages (libzbar0 for the zbar decoder), a venv in .venv, the project and its tools.
-# Idempotent: re-running only does what is missing.
+# Idempotent: re-running only does what is missing. `--test` adds what only the tests need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
+# what a reader and the demo need (mosquitto: the demo's private broker)
 DEB_PACKAGES=(libzbar0 python3-venv mosquitto)
+# what only the tests need (the reference back office's PostgreSQL store): `setup.sh --test`
+if [ "${1:-}" = "--test" ]; then DEB_PACKAGES+=(postgresql); fi
 
 say() { printf 'qrgate setup: %s\n' "$*" >&2; }
 
