@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @click.group()
@@ -36,8 +39,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
-              help="TOML config file.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="TOML config file.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def run(config_path: Path, verbose: bool) -> None:
     """Run the reader daemon until SIGTERM, SIGINT or SIGHUP (or the end of a replayed reel).
@@ -100,15 +108,21 @@ def config_check(file: Path) -> None:
     except QrgateError as e:
         click.echo(f"invalid: {e}", err=True)
         sys.exit(2)
-    click.echo(f"ok: {file}: door {config.reader.door!r}, camera {config.camera.source}, "
-               f"decoder {config.decoder.backend}, {len(badges.allow)} allowed and "
-               f"{len(badges.deny)} denied badges, journal {config.journal_path}")
+    click.echo(
+        f"ok: {file}: door {config.reader.door!r}, camera {config.camera.source}, "
+        f"decoder {config.decoder.backend}, {len(badges.allow)} allowed and "
+        f"{len(badges.deny)} denied badges, journal {config.journal_path}"
+    )
 
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--backend", default="zxing-cpp", show_default=True,
-              type=click.Choice(["zxing-cpp", "zbar", "cascade"]))
+@click.option(
+    "--backend",
+    default="zxing-cpp",
+    show_default=True,
+    type=click.Choice(["zxing-cpp", "zbar", "cascade"]),
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 def decode(files: tuple[Path, ...], backend: str, as_json: bool) -> None:
     """Decode the QR codes in image FILES and show their exact payload bytes."""
@@ -136,15 +150,30 @@ def decode(files: tuple[Path, ...], backend: str, as_json: bool) -> None:
         codes = decoder.decode(image)
         ms = round((time.perf_counter() - t0) * 1000, 3)
         if as_json:
-            click.echo(json.dumps({"file": str(f), "codes": [
-                {"bytes_hex": c.payload.hex(), "text": c.text(), "backend": c.backend,
-                 "ms": ms} for c in codes]}, ensure_ascii=False))
+            click.echo(
+                json.dumps(
+                    {
+                        "file": str(f),
+                        "codes": [
+                            {
+                                "bytes_hex": c.payload.hex(),
+                                "text": c.text(),
+                                "backend": c.backend,
+                                "ms": ms,
+                            }
+                            for c in codes
+                        ],
+                    },
+                    ensure_ascii=False,
+                )
+            )
             continue
         if not codes:
             click.echo(f"{f}: no code ({ms} ms)")
         for c in codes:
-            click.echo(f"{f}: {len(c.payload)} bytes via {c.backend} ({ms} ms): "
-                       f"{printable(c.payload)}")
+            click.echo(
+                f"{f}: {len(c.payload)} bytes via {c.backend} ({ms} ms): {printable(c.payload)}"
+            )
     sys.exit(1 if failed else 0)
 
 
@@ -197,22 +226,39 @@ def journal_tail(config: Path | None, db: Path | None, count: int, as_json: bool
     for s in events:
         ev = s.event
         if as_json:
-            click.echo(json.dumps({"seq": s.seq, "event_id": s.event_id, "boot_id": s.boot_id,
-                                   "kind": ev.kind, "wall_ns": ev.wall_ns,
-                                   "clock_synced": ev.clock_synced, "door": ev.door,
-                                   "direction": ev.direction, "decision": ev.decision,
-                                   "reason": ev.reason, "credential_kind": ev.credential_kind,
-                                   "subject": ev.subject, "codes": list(ev.codes),
-                                   "decode_ms": ev.decode_ms, "verdict_ms": ev.verdict_ms,
-                                   "frame_to_relay_ms": ev.frame_to_relay_ms,
-                                   "published": s.published, "acked": s.acked}))
+            click.echo(
+                json.dumps(
+                    {
+                        "seq": s.seq,
+                        "event_id": s.event_id,
+                        "boot_id": s.boot_id,
+                        "kind": ev.kind,
+                        "wall_ns": ev.wall_ns,
+                        "clock_synced": ev.clock_synced,
+                        "door": ev.door,
+                        "direction": ev.direction,
+                        "decision": ev.decision,
+                        "reason": ev.reason,
+                        "credential_kind": ev.credential_kind,
+                        "subject": ev.subject,
+                        "codes": list(ev.codes),
+                        "decode_ms": ev.decode_ms,
+                        "verdict_ms": ev.verdict_ms,
+                        "frame_to_relay_ms": ev.frame_to_relay_ms,
+                        "published": s.published,
+                        "acked": s.acked,
+                    }
+                )
+            )
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.wall_ns / 1e9))
         synced = "" if ev.clock_synced else "~"
         f2r = f" {ev.frame_to_relay_ms:.1f}ms" if ev.frame_to_relay_ms is not None else ""
-        click.echo(f"{s.seq:>8} {synced}{when} {ev.door} {ev.kind:<8} {ev.decision or '-':<7} "
-                   f"{ev.reason:<20} {ev.credential_kind or '-':<7} "
-                   f"{(ev.subject or '-')[:16]}{f2r}")
+        click.echo(
+            f"{s.seq:>8} {synced}{when} {ev.door} {ev.kind:<8} {ev.decision or '-':<7} "
+            f"{ev.reason:<20} {ev.credential_kind or '-':<7} "
+            f"{(ev.subject or '-')[:16]}{f2r}"
+        )
 
 
 @journal.command("stats")
@@ -266,8 +312,13 @@ def _payload(text: str | None, hex_: str | None) -> bytes:
 
 @badge.command("add")
 @click.option("--key", "keyfile", type=click.Path(path_type=Path), required=True)
-@click.option("--list", "listfile", type=click.Path(path_type=Path), required=True,
-              help="Badge list JSON (created if missing).")
+@click.option(
+    "--list",
+    "listfile",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Badge list JSON (created if missing).",
+)
 @click.option("--text", help="Payload as UTF-8 text.")
 @click.option("--hex", "hex_", help="Payload as hex bytes.")
 @click.option("--deny", is_flag=True, help="Put it on the denylist instead of the allowlist.")
@@ -292,17 +343,24 @@ def badge_add(  # noqa: PLR0917 - click passes options positionally
     else:
         allow.add(subject)
         labels[subject] = label
-    write_badges(listfile, BadgeList(frozenset(allow), frozenset(denied), labels,
-                                     old.version + 1))
+    write_badges(listfile, BadgeList(frozenset(allow), frozenset(denied), labels, old.version + 1))
     click.echo(f"{'denied' if deny else 'allowed'} {subject}")
 
 
 @main.command()
-@click.option("--reel", type=click.Path(path_type=Path, exists=True),
-              help="Replay this folder of photos instead of the generated demo reel.")
+@click.option(
+    "--reel",
+    type=click.Path(path_type=Path, exists=True),
+    help="Replay this folder of photos instead of the generated demo reel.",
+)
 @click.option("--camera", help="Use this V4L2 webcam (e.g. /dev/video0) instead of a reel.")
-@click.option("--state", type=click.Path(path_type=Path), default=Path("demo-state"),
-              show_default=True, help="Folder for the demo's config, badges and journal.")
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path),
+    default=Path("demo-state"),
+    show_default=True,
+    help="Folder for the demo's config, badges and journal.",
+)
 @click.option("--fps", default=30.0, show_default=True)
 def demo(reel: Path | None, camera: str | None, state: Path, fps: float) -> None:
     """Run the real daemon on the embedded demo (generated reel, mock pins)."""
@@ -313,7 +371,6 @@ def demo(reel: Path | None, camera: str | None, state: Path, fps: float) -> None
     sys.exit(run_demo(state, reel=reel, camera=camera, fps=fps))
 
 
-
 # -- the reference back office ------------------------------------------------------------
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -322,18 +379,34 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _broker_options(f: _F) -> _F:
     """--broker and the TLS/login options of the back-office commands."""
     options = [
-        click.option("--broker", required=True, metavar="HOST[:PORT]",
-                     help="MQTT broker; also mqtt://HOST:PORT or mqtts://HOST:PORT."),
+        click.option(
+            "--broker",
+            required=True,
+            metavar="HOST[:PORT]",
+            help="MQTT broker; also mqtt://HOST:PORT or mqtts://HOST:PORT.",
+        ),
         click.option("--tls", is_flag=True, help="TLS (implied by --cafile or --certfile)."),
-        click.option("--cafile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     help="CA certificate (PEM) for the broker [default: the system's]."),
-        click.option("--certfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     help="Client certificate (PEM) when the broker asks for one."),
-        click.option("--keyfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     help="Client key (PEM) for --certfile."),
+        click.option(
+            "--cafile",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help="CA certificate (PEM) for the broker [default: the system's].",
+        ),
+        click.option(
+            "--certfile",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help="Client certificate (PEM) when the broker asks for one.",
+        ),
+        click.option(
+            "--keyfile",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help="Client key (PEM) for --certfile.",
+        ),
         click.option("--username", help="MQTT username."),
-        click.option("--password", envvar="QRGATE_MQTT_PASSWORD",
-                     help="MQTT password (better: $QRGATE_MQTT_PASSWORD)."),
+        click.option(
+            "--password",
+            envvar="QRGATE_MQTT_PASSWORD",
+            help="MQTT password (better: $QRGATE_MQTT_PASSWORD).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -345,24 +418,45 @@ def _mqtt_settings(opts: dict[str, Any]) -> MqttSettings:
 
     try:
         return MqttSettings.parse(
-            opts["broker"], tls=opts["tls"], ca_file=opts["cafile"], cert_file=opts["certfile"],
-            key_file=opts["keyfile"], username=opts["username"], password=opts["password"])
+            opts["broker"],
+            tls=opts["tls"],
+            ca_file=opts["cafile"],
+            cert_file=opts["certfile"],
+            key_file=opts["keyfile"],
+            username=opts["username"],
+            password=opts["password"],
+        )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--broker") from None
 
 
 @main.command()
 @_broker_options
-@click.option("--db", required=True, metavar="FILE_OR_URL",
-              help="SQLite file (created if missing) or postgresql://USER@HOST/DB URL.")
-@click.option("--group", default="qrgate-ingest", show_default=True,
-              help="Shared-subscription group: the workers of one group share the events.")
-@click.option("--client-id", help="This worker's MQTT client id, unique per worker and stable "
-              "across its restarts [default: qrgate-ingest-HOSTNAME-GROUP].")
-@click.option("--session-expiry", default=3600, show_default=True,
-              type=click.IntRange(0, 2**32 - 1),
-              help="Seconds the broker keeps this worker's session (and queues its share) "
-                   "while it is away; 0: a clean session each start.")
+@click.option(
+    "--db",
+    required=True,
+    metavar="FILE_OR_URL",
+    help="SQLite file (created if missing) or postgresql://USER@HOST/DB URL.",
+)
+@click.option(
+    "--group",
+    default="qrgate-ingest",
+    show_default=True,
+    help="Shared-subscription group: the workers of one group share the events.",
+)
+@click.option(
+    "--client-id",
+    help="This worker's MQTT client id, unique per worker and stable "
+    "across its restarts [default: qrgate-ingest-HOSTNAME-GROUP].",
+)
+@click.option(
+    "--session-expiry",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Seconds the broker keeps this worker's session (and queues its share) "
+    "while it is away; 0: a clean session each start.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def ingest(**opts: Any) -> None:
     """Store readers' events and status from MQTT and publish their acks (until SIGTERM)."""
@@ -380,9 +474,13 @@ def ingest(**opts: Any) -> None:
         sys.exit(3)
     try:
         try:
-            worker = IngestWorker(store, settings, group=opts["group"],
-                                  client_id=opts["client_id"],
-                                  session_expiry_s=opts["session_expiry"])
+            worker = IngestWorker(
+                store,
+                settings,
+                group=opts["group"],
+                client_id=opts["client_id"],
+                session_expiry_s=opts["session_expiry"],
+            )
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--group") from None
         stop = threading.Event()
@@ -399,16 +497,32 @@ def ingest(**opts: Any) -> None:
 
 
 @main.command()
-@click.option("--db", required=True, metavar="FILE_OR_URL",
-              help="The store ingest writes: SQLite file or postgresql:// URL.")
-@click.option("--since", required=True, metavar="ISO_DATE",
-              help="Start, e.g. 2025-03-03 or 2025-03-03T08:00 (in --tz unless it has an offset).")
+@click.option(
+    "--db",
+    required=True,
+    metavar="FILE_OR_URL",
+    help="The store ingest writes: SQLite file or postgresql:// URL.",
+)
+@click.option(
+    "--since",
+    required=True,
+    metavar="ISO_DATE",
+    help="Start, e.g. 2025-03-03 or 2025-03-03T08:00 (in --tz unless it has an offset).",
+)
 @click.option("--until", metavar="ISO_DATE", help="End, exclusive [default: now].")
 @click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True)
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the rows to this CSV file.")
-@click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also draw a bar chart into this PNG file.")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the rows to this CSV file.",
+)
+@click.option(
+    "--png",
+    "png_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw a bar chart into this PNG file.",
+)
 @click.option("--tz", "tz_name", help="IANA time zone of the periods [default: this machine's].")
 def report(**opts: Any) -> None:
     """Entries, exits, granted and denied scans per door, per hour or day."""
@@ -459,8 +573,13 @@ def fleet() -> None:
 
 @fleet.command("status")
 @_broker_options
-@click.option("--settle", default=2.0, show_default=True, type=click.FloatRange(0.1, 60.0),
-              help="Seconds to wait for retained statuses at most.")
+@click.option(
+    "--settle",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 60.0),
+    help="Seconds to wait for retained statuses at most.",
+)
 @click.option("--tz", "tz_name", help="IANA time zone for times [default: this machine's].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per reader.")
 def fleet_status(**opts: Any) -> None:

@@ -14,9 +14,15 @@ _STA_UNSYNC = 0x0040
 class _Timex(ctypes.Structure):
     # struct timex from <sys/timex.h> (Linux, 64-bit longs); only `status` is read, the rest
     # is padding big enough for the kernel to write into.
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
-                ("status", ctypes.c_int), ("_rest", ctypes.c_byte * 256)]
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 256),
+    ]
 
 
 class KernelClock:
@@ -27,7 +33,8 @@ class KernelClock:
     def __init__(self) -> None:
         try:
             self._libc: ctypes.CDLL | None = ctypes.CDLL(
-                ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                ctypes.util.find_library("c") or "libc.so.6", use_errno=True
+            )
         except OSError:
             self._libc = None
 
@@ -46,8 +53,12 @@ class KernelClock:
 class ClockStatus:
     """Caches ``probe()`` for ``ttl_s`` seconds (monotonic), so the scan path never waits."""
 
-    def __init__(self, probe: Callable[[], bool] | None = None, ttl_s: float = 10.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        probe: Callable[[], bool] | None = None,
+        ttl_s: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._probe = probe or KernelClock()
         self._ttl, self._mono = ttl_s, monotonic
         self._value = self._probe()

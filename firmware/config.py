@@ -189,8 +189,9 @@ class _Section:
         self.used: set[str] = set()
 
     def _err(self, key: str, expected: str, value: Any) -> ConfigError:
-        return ConfigError(self.file, f"{self.name}.{key}" if self.name else key, expected,
-                           _kind(value))
+        return ConfigError(
+            self.file, f"{self.name}.{key}" if self.name else key, expected, _kind(value)
+        )
 
     def get(self, key: str, default: Any, check: Callable[[Any], Any], expected: str) -> Any:
         self.used.add(key)
@@ -203,8 +204,11 @@ class _Section:
             raise self._err(key, expected, value) from None
 
     def text(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
-        expected = ("one of " + ", ".join(repr(c) for c in choices) if choices
-                    else "a non-empty printable string of at most 128 characters")
+        expected = (
+            "one of " + ", ".join(repr(c) for c in choices)
+            if choices
+            else "a non-empty printable string of at most 128 characters"
+        )
 
         def check(v: Any) -> str:
             if not isinstance(v, str) or (choices and v not in choices):
@@ -252,8 +256,9 @@ class _Section:
             key = unknown[0]
             where = f"{self.name}.{key}" if self.name else key
             known = ", ".join(sorted(self.used))
-            raise ConfigError(self.file, where, f"one of the known keys ({known})",
-                              "an unknown key")
+            raise ConfigError(
+                self.file, where, f"one of the known keys ({known})", "an unknown key"
+            )
 
 
 def _pins(section: _Section) -> Mapping[str, int]:
@@ -267,8 +272,11 @@ def _pins(section: _Section) -> Mapping[str, int]:
 
     default = GpioConfig().led
     result: Mapping[str, int] = section.get(
-        "led", default, check,
-        "a table {red, green, blue} (RGB LED) or {red, green} (LED pair) of pins 0-53")
+        "led",
+        default,
+        check,
+        "a table {red, green, blue} (RGB LED) or {red, green} (LED pair) of pins 0-53",
+    )
     return result
 
 
@@ -304,8 +312,12 @@ def parse_config(
         read_timeout_s=s.number("read_timeout_s", CameraConfig.read_timeout_s, 0.1, 600),
     )
     if camera.source == "replay" and camera.path is None:
-        raise ConfigError(file, "camera.path", "a folder, image or video to replay "
-                          "(camera.source is 'replay')", "nothing")
+        raise ConfigError(
+            file,
+            "camera.path",
+            "a folder, image or video to replay (camera.source is 'replay')",
+            "nothing",
+        )
     s.done()
 
     s = sections["decoder"]
@@ -328,16 +340,22 @@ def parse_config(
     )
     if (policy.badges is None) != (policy.hmac_key is None):
         missing = "policy.hmac_key" if policy.hmac_key is None else "policy.badges"
-        raise ConfigError(file, missing, "both policy.badges and policy.hmac_key, or neither",
-                          "only one of them")
+        raise ConfigError(
+            file, missing, "both policy.badges and policy.hmac_key, or neither", "only one of them"
+        )
     s.done()
 
     s = sections["gpio"]
     buzzer = s.get(
-        "buzzer_pin", GpioConfig.buzzer_pin,
-        lambda v: v if v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                     and 0 <= v <= 53) else _raise(),
-        "a pin number 0-53")
+        "buzzer_pin",
+        GpioConfig.buzzer_pin,
+        lambda v: (
+            v
+            if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 53)
+            else _raise()
+        ),
+        "a pin number 0-53",
+    )
     gpio = GpioConfig(
         pin_factory=s.text("pin_factory", GpioConfig.pin_factory, PIN_FACTORIES),
         relay_pin=s.number("relay_pin", GpioConfig.relay_pin, 0, 53, integer=True),
@@ -350,18 +368,24 @@ def parse_config(
     )
     used_pins = [gpio.relay_pin, *gpio.led.values()] + ([buzzer] if buzzer is not None else [])
     if len(set(used_pins)) != len(used_pins):
-        raise ConfigError(file, "gpio", "distinct pins for relay, LED and buzzer",
-                          f"pins {used_pins}")
+        raise ConfigError(
+            file, "gpio", "distinct pins for relay, LED and buzzer", f"pins {used_pins}"
+        )
     s.done()
 
     s = sections["journal"]
-    jpath = s.get("path", JournalConfig.path,
-                  lambda v: Path(v) if isinstance(v, str) and v else _raise(), "a path string")
+    jpath = s.get(
+        "path",
+        JournalConfig.path,
+        lambda v: Path(v) if isinstance(v, str) and v else _raise(),
+        "a path string",
+    )
     journal = JournalConfig(
         path=jpath,
         fsync_interval_ms=s.number("fsync_interval_ms", JournalConfig.fsync_interval_ms, 5, 1000),
-        append_deadline_ms=s.number("append_deadline_ms", JournalConfig.append_deadline_ms,
-                                    5, 1000),
+        append_deadline_ms=s.number(
+            "append_deadline_ms", JournalConfig.append_deadline_ms, 5, 1000
+        ),
         max_rows=s.number("max_rows", JournalConfig.max_rows, 100, 100_000_000, integer=True),
         max_mb=s.number("max_mb", JournalConfig.max_mb, 1, 1_000_000),
     )
@@ -369,8 +393,16 @@ def parse_config(
 
     uplink = _uplink(sections["uplink"])
 
-    return Config(reader=reader, camera=camera, decoder=decoder, policy=policy, gpio=gpio,
-                  journal=journal, uplink=uplink, source=file)
+    return Config(
+        reader=reader,
+        camera=camera,
+        decoder=decoder,
+        policy=policy,
+        gpio=gpio,
+        journal=journal,
+        uplink=uplink,
+        source=file,
+    )
 
 
 def _topic_level(v: Any) -> str:
@@ -383,12 +415,20 @@ def _uplink(s: _Section) -> UplinkConfig:
     file = s.file
     transport = s.text("transport", UplinkConfig.transport, UPLINK_TRANSPORTS)
     default_port = 8883 if transport == "tls" else 1883
-    username = s.get("username", None,
-                     lambda v: v if isinstance(v, str) and v else _raise(), "a non-empty string")
+    username = s.get(
+        "username",
+        None,
+        lambda v: v if isinstance(v, str) and v else _raise(),
+        "a non-empty string",
+    )
     c = UplinkConfig(
         enabled=s.flag("enabled", UplinkConfig.enabled),
-        host=s.get("host", "", lambda v: v if isinstance(v, str) and v and not v.isspace()
-                   else _raise(), "a host name or address"),
+        host=s.get(
+            "host",
+            "",
+            lambda v: v if isinstance(v, str) and v and not v.isspace() else _raise(),
+            "a host name or address",
+        ),
         port=s.number("port", default_port, 1, 65535, integer=True),
         transport=transport,
         protocol=s.text("protocol", UplinkConfig.protocol, UPLINK_PROTOCOLS),
@@ -401,8 +441,12 @@ def _uplink(s: _Section) -> UplinkConfig:
         key=s.path("key", None),
         username=username,
         password_file=s.path("password_file", None),
-        site=s.get("site", UplinkConfig.site, _topic_level,
-                   "1-64 characters without '/', '+', '#', spaces or NUL"),
+        site=s.get(
+            "site",
+            UplinkConfig.site,
+            _topic_level,
+            "1-64 characters without '/', '+', '#', spaces or NUL",
+        ),
         window=s.number("window", UplinkConfig.window, 1, 1000, integer=True),
         batch=s.number("batch", UplinkConfig.batch, 1, 500, integer=True),
         telemetry_s=_zero_or(s, "telemetry_s", UplinkConfig.telemetry_s, 1, 86400),
@@ -411,25 +455,38 @@ def _uplink(s: _Section) -> UplinkConfig:
     )
     s.done()
     if c.enabled and not c.host:
-        raise ConfigError(file, "uplink.host", "the broker's host name or address "
-                          "(uplink.enabled is true)", "nothing")
+        raise ConfigError(
+            file,
+            "uplink.host",
+            "the broker's host name or address (uplink.enabled is true)",
+            "nothing",
+        )
     if c.reconnect_min_s > c.reconnect_max_s:
-        raise ConfigError(file, "uplink.reconnect_min_s",
-                          f"at most uplink.reconnect_max_s ({c.reconnect_max_s:g})",
-                          _kind(c.reconnect_min_s))
+        raise ConfigError(
+            file,
+            "uplink.reconnect_min_s",
+            f"at most uplink.reconnect_max_s ({c.reconnect_max_s:g})",
+            _kind(c.reconnect_min_s),
+        )
     if transport != "tls":
         for key in ("ca", "cert", "key"):
             value = getattr(c, key)
             if value is not None:
-                raise ConfigError(file, f"uplink.{key}", "no TLS file with transport 'tcp' "
-                                  "(set uplink.transport = 'tls')", _kind(str(value)))
+                raise ConfigError(
+                    file,
+                    f"uplink.{key}",
+                    "no TLS file with transport 'tcp' (set uplink.transport = 'tls')",
+                    _kind(str(value)),
+                )
     if (c.cert is None) != (c.key is None):
         missing = "uplink.key" if c.key is None else "uplink.cert"
-        raise ConfigError(file, missing, "both uplink.cert and uplink.key, or neither",
-                          "only one of them")
+        raise ConfigError(
+            file, missing, "both uplink.cert and uplink.key, or neither", "only one of them"
+        )
     if c.password_file is not None and c.username is None:
-        raise ConfigError(file, "uplink.username", "a username to go with uplink.password_file",
-                          "nothing")
+        raise ConfigError(
+            file, "uplink.username", "a username to go with uplink.password_file", "nothing"
+        )
     return c
 
 
@@ -464,11 +521,13 @@ def load_config(path: Path) -> Config:
     try:
         data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
-        raise ConfigError(name, "<file>", "UTF-8 text", f"invalid byte at offset {e.start}") \
-            from None
+        raise ConfigError(
+            name, "<file>", "UTF-8 text", f"invalid byte at offset {e.start}"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(name, "<file>", "valid TOML", str(e)) from None
     except RecursionError:
-        raise ConfigError(name, "<file>", "valid TOML", "tables or arrays nested too deeply") \
-            from None
+        raise ConfigError(
+            name, "<file>", "valid TOML", "tables or arrays nested too deeply"
+        ) from None
     return parse_config(data, name, path.resolve().parent)

@@ -3,7 +3,8 @@
 Start order matters for the door: the instance lock first (a second daemon must exit before it
 touches a GPIO line), then the outputs (the relay is driven to its locked resting state before
 anything else comes up, so a reboot never pulses the door), then the journal, the camera and
-the threads. Stop order: relay locked first, then threads, camera, journal, lock.
+the threads, and last the MQTT uplink (which never waits for the broker). Stop order: relay
+locked first, then threads, the uplink (offline status, DISCONNECT), camera, journal, lock.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from drivers.frames import FrameSource
+from firmware import __version__
 from firmware.clock import ClockStatus
-from firmware.config import Config
+from firmware.config import Config, UplinkConfig
 from firmware.decoding.codes import Decoder
 from firmware.decoding.registry import make_decoder
+from firmware.exceptions import ConfigError, DeviceIdentityError
 from firmware.freshest import FrameQueue
 from firmware.idle import ChangeGate
 from firmware.journal.events import NewEvent
 from firmware.journal.ids import boot_id as read_boot_id
+from firmware.journal.outbox import OutboxReader
 from firmware.journal.store import Journal
 from firmware.lock import InstanceLock
 from firmware.metrics import PipelineMetrics
@@ -34,6 +38,12 @@ from firmware.policy.badges import BadgeKind, BadgeList, load_badges
 from firmware.policy.policy import Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.subjects import SubjectHasher, load_key
+from firmware.uplink.commands import reload_badges_handler, unlock_handler
+from firmware.uplink.identity import client_id
+from firmware.uplink.identity import device_id as read_device_id
+from firmware.uplink.link import LinkSettings
+from firmware.uplink.service import Uplink, UplinkOptions
+from firmware.uplink.status import Identity, ReaderState, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +122,8 @@ def make_policy(config: Config) -> tuple[Policy, BadgeList]:
 class Reader:
     """A wired reader. ``start()`` brings it up, ``stop()`` takes it down (idempotent);
     ``wait()`` blocks until a stop was asked for, a thread failed, or a finite camera ended.
-    ``exit_code`` is 0 after a clean stop, 1 after a fault."""
+    ``exit_code`` is 0 after a clean stop, 1 after a fault. ``uplink``: the MQTT uplink, None
+    when it is off; ``state``: what its status messages report."""
 
     config: Config
     lock: InstanceLock
@@ -123,6 +134,8 @@ class Reader:
     capture: CaptureLoop
     metrics: PipelineMetrics
     frames: FrameQueue
+    state: ReaderState | None = None
+    uplink: Uplink | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     exit_code: int = 0
     started_ns: int = 0
@@ -138,16 +151,22 @@ class Reader:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.journal.open()
         self.source.open()
+        if self.state is not None:
+            self.state.camera_ok()
         for name, body in ((CAPTURE_THREAD, self.capture.run), (SCAN_THREAD, self.scan.run)):
             t = threading.Thread(target=self._guard, args=(name, body), name=name, daemon=True)
             self._threads.append(t)
             t.start()
         self.feedback.ready()
+        if self.uplink is not None:
+            # after the scan threads: the broker being away must never delay a decision
+            self.uplink.start()
         log.info(
-            "reader ready: door %s, camera %s, decoder %s",
+            "reader ready: door %s, camera %s, decoder %s, uplink %s",
             self.config.reader.door,
             self.config.camera.source,
             self.config.decoder.backend,
+            self.uplink.link.settings.host if self.uplink is not None else "off",
         )
 
     def _guard(self, name: str, body: Callable[[threading.Event], None]) -> None:
@@ -171,7 +190,8 @@ class Reader:
         return self.stop_event.wait(timeout_s)
 
     def stop(self) -> None:
-        """Lock the door first, then stop threads, camera, journal and release the lock."""
+        """Lock the door first, then stop threads, the uplink (offline status, then
+        DISCONNECT), camera, journal and release the lock."""
         if self._stopped:
             return
         self._stopped = True
@@ -179,6 +199,8 @@ class Reader:
         self.stop_event.set()
         for t in self._threads:
             t.join(timeout=5.0)
+        if self.uplink is not None:
+            self.uplink.stop()
         self.source.close()
         self.journal.close()
         self.lock.release()
@@ -205,14 +227,23 @@ class Reader:
 
 
 def _incident(
-    journal: Journal, feedback: Any, config: Config, code: str, detail: dict[str, object]
+    journal: Journal,
+    feedback: Any,
+    config: Config,
+    code: str,
+    detail: dict[str, object],
+    *,
+    state: ReaderState | None = None,
+    uplink: Uplink | None = None,
 ) -> None:
     """Journal a reader incident (camera stalled, ...) and show it: the fault pattern while
-    the camera is gone, ready again when it is back."""
+    the camera is gone, ready again when it is back; the uplink's status follows."""
     if code == "camera_recovered":
         feedback.ready()
     elif code.startswith("camera_"):
         feedback.fault()
+    if state is not None:
+        state.camera_event(code)
     journal.append(
         NewEvent(
             kind="incident",
@@ -225,6 +256,96 @@ def _incident(
             detail=dict(detail),
         )
     )
+    if uplink is not None:
+        uplink.notify()
+
+
+def _secret(config: Config, key: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        found = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            config.source, key, "a readable UTF-8 file", f"{found} ({path})"
+        ) from None
+
+
+def link_settings(config: Config, device: str) -> LinkSettings:
+    """The broker settings from ``[uplink]`` for the reader named ``device``. Raises
+    ConfigError when a TLS file is missing or the password file is unreadable."""
+    u: UplinkConfig = config.uplink
+    for key in ("ca", "cert", "key"):
+        f: Path | None = getattr(u, key)
+        if f is not None and not f.is_file():
+            raise ConfigError(config.source, f"uplink.{key}", "an existing file", f"nothing at {f}")
+    password = _secret(config, "uplink.password_file", u.password_file) if u.password_file else None
+    return LinkSettings(
+        host=u.host,
+        port=u.port,
+        client_id=client_id(device),
+        protocol=u.protocol,
+        transport=u.transport,
+        keepalive_s=u.keepalive_s,
+        ca=u.ca,
+        cert=u.cert,
+        key=u.key,
+        username=u.username,
+        password=password,
+        connect_timeout_s=u.connect_timeout_s,
+        backoff_min_s=u.reconnect_min_s,
+        backoff_max_s=u.reconnect_max_s,
+        max_inflight=u.window + 32,
+    )
+
+
+def make_uplink(
+    config: Config,
+    *,
+    device: str,
+    boot_id: str,
+    journal: Journal,
+    feedback: Any,
+    policy: Policy,
+    state: ReaderState,
+    metrics: PipelineMetrics,
+    frames: FrameQueue,
+) -> Uplink:
+    """The MQTT uplink of ``[uplink]``: events from ``journal``, status from ``state``,
+    telemetry from ``metrics``/``frames``, commands ``unlock`` (through ``feedback``),
+    ``reload_config`` (the badge list into ``policy``) and ``report_status``. Raises
+    ConfigError (see :func:`link_settings`)."""
+    u = config.uplink
+    r = config.reader
+    return Uplink(
+        link=link_settings(config, device),
+        ident=Identity(
+            device=device, site=u.site, door=r.door, version=__version__, boot_id=boot_id
+        ),
+        journal=journal,
+        outbox=OutboxReader(config.journal_path),
+        state=state,
+        telemetry=Telemetry(
+            metrics=metrics, frames_dropped=lambda: frames.dropped, state_dir=r.state_dir
+        ),
+        handlers={
+            "unlock": unlock_handler(
+                journal=journal,
+                door=feedback,
+                door_name=r.door,
+                direction=r.direction,
+                clock_synced=state.clock_synced,
+            ),
+            "reload_config": reload_badges_handler(policy=policy, path=config.policy.badges),
+        },
+        options=UplinkOptions(
+            window=u.window,
+            batch=u.batch,
+            telemetry_s=u.telemetry_s,
+            ha_discovery=u.ha_discovery,
+            resend_after_s=u.resend_after_s,
+        ),
+        gap_state=config.journal_path.with_name(config.journal_path.name + ".gaps-sent"),
+    )
 
 
 def build_reader(
@@ -235,13 +356,16 @@ def build_reader(
     decoder: Decoder | None = None,
     listeners: Sequence[Callable[[ScanReport], None]] = (),
     clock_synced: Callable[[], bool] | None = None,
+    device_id: str | None = None,
 ) -> Reader:
     """Wire a reader from ``config``. Takes the instance lock and creates the outputs (relay
     locked) before anything else; on any failure releases what it took and re-raises.
 
     ``pin_factory``/``source``/``decoder``/``clock_synced`` override what the config names
-    (tests, the benchmark, the demo). Raises InstanceLockedError, ConfigError,
-    CredentialListError, DecoderError, PinFactoryError.
+    (tests, the benchmark, the demo); ``device_id`` overrides the hardware's (tests: the id
+    names the MQTT client and topics). With ``[uplink] enabled`` the MQTT uplink is built; a
+    reader whose device id cannot be read runs without it (logged). Raises
+    InstanceLockedError, ConfigError, CredentialListError, DecoderError, PinFactoryError.
     """
     from drivers.pins import make_pin_factory
 
@@ -260,13 +384,15 @@ def build_reader(
         )
         feedback = make_feedback(config, factory)
         policy, _ = make_policy(config)
+        synced = clock_synced or ClockStatus().synced
         dec = decoder if decoder is not None else make_decoder(config.decoder.backend)
         frames = FrameQueue(config.decoder.queue)
         metrics = PipelineMetrics()
         j = config.journal
+        boot = read_boot_id()
         journal = Journal(
             config.journal_path,
-            boot_id=read_boot_id(),
+            boot_id=boot,
             fsync_interval_s=j.fsync_interval_ms / 1000,
             append_deadline_s=j.append_deadline_ms / 1000,
             max_rows=j.max_rows,
@@ -274,6 +400,26 @@ def build_reader(
             report=lambda code, detail: log.error("journal: %s %s", code, detail),
         )
         cam = source if source is not None else make_source(config)
+        reader_state = ReaderState(door=config.reader.door, clock_synced=synced)
+        uplink = None
+        if config.uplink.enabled:
+            try:
+                device = device_id if device_id is not None else read_device_id()
+            except DeviceIdentityError as e:
+                log.error("MQTT uplink off: %s", e)
+            else:
+                uplink = make_uplink(
+                    config,
+                    device=device,
+                    boot_id=boot,
+                    journal=journal,
+                    feedback=feedback,
+                    policy=policy,
+                    state=reader_state,
+                    metrics=metrics,
+                    frames=frames,
+                )
+        scan_listeners = tuple(listeners) + ((uplink.on_scan,) if uplink is not None else ())
         scan = ScanLoop(
             frames=frames,
             decoder=dec,
@@ -282,18 +428,20 @@ def build_reader(
             journal=journal,
             feedback=feedback,
             identity=ReaderIdentity(config.reader.door, config.reader.direction),
-            clock_synced=clock_synced or ClockStatus().synced,
+            clock_synced=synced,
             gate=ChangeGate(max_skip=config.decoder.max_idle_skip)
             if config.decoder.idle_skip
             else None,
             metrics=metrics,
-            listeners=tuple(listeners),
+            listeners=scan_listeners,
         )
         capture = CaptureLoop(
             cam,
             frames,
             read_timeout_s=config.camera.read_timeout_s,
-            on_incident=lambda code, detail: _incident(journal, feedback, config, code, detail),
+            on_incident=lambda code, detail: _incident(
+                journal, feedback, config, code, detail, state=reader_state, uplink=uplink
+            ),
         )
         return Reader(
             config=config,
@@ -305,6 +453,8 @@ def build_reader(
             capture=capture,
             metrics=metrics,
             frames=frames,
+            state=reader_state,
+            uplink=uplink,
         )
     except BaseException:
         if feedback is not None:

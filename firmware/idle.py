@@ -46,7 +46,8 @@ class ChangeGate:
         h, w = diff.shape
         # INTER_AREA averages each block: the block means in one C call
         blocks = cv2.resize(
-            diff, (min(_GRID[1], w), min(_GRID[0], h)), interpolation=cv2.INTER_AREA)
+            diff, (min(_GRID[1], w), min(_GRID[0], h)), interpolation=cv2.INTER_AREA
+        )
         return np.asarray(blocks, dtype=np.float32)
 
     def should_decode(self, image: GrayImage) -> bool:

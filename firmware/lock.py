@@ -41,7 +41,8 @@ class InstanceLock:
             pid = self.holder()
             raise InstanceLockedError(
                 f"another qrgate daemon (pid {pid or 'unknown'}) holds {self.path}: "
-                "stop it first; giving up") from None
+                "stop it first; giving up"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -61,6 +62,7 @@ class InstanceLock:
         self.acquire()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

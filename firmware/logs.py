@@ -45,9 +45,20 @@ def log_scan(report: ScanReport) -> None:
     """A scan listener: one INFO line per decided scan, after its feedback. Subjects are keyed
     HMACs (shortened); payloads are never logged."""
     d = report.decision
-    f2r = f" frame_to_relay_ms={report.frame_to_relay_ms:.2f}" \
-        if report.frame_to_relay_ms is not None else ""
-    log.info("scan seq=%d %s reason=%s kind=%s subject=%s codes=%d durability=%s "
-             "decode_ms=%.2f%s", report.receipt.seq, "granted" if d.granted else "denied",
-             d.reason, d.kind or "-", (d.subject or "-")[:16], len(d.codes),
-             report.receipt.durability, report.decode_ms, f2r)
+    f2r = (
+        f" frame_to_relay_ms={report.frame_to_relay_ms:.2f}"
+        if report.frame_to_relay_ms is not None
+        else ""
+    )
+    log.info(
+        "scan seq=%d %s reason=%s kind=%s subject=%s codes=%d durability=%s decode_ms=%.2f%s",
+        report.receipt.seq,
+        "granted" if d.granted else "denied",
+        d.reason,
+        d.kind or "-",
+        (d.subject or "-")[:16],
+        len(d.codes),
+        report.receipt.durability,
+        report.decode_ms,
+        f2r,
+    )

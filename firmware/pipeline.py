@@ -107,11 +107,21 @@ class ScanLoop:
     real progress).
     """
 
-    def __init__(self, *, frames: FrameQueue, decoder: Decoder, policy: Policy,
-                 seen: RepeatWindow, journal: EventSink, feedback: Indicator,
-                 identity: ReaderIdentity, clock_synced: Callable[[], bool],
-                 gate: ChangeGate | None = None, metrics: PipelineMetrics | None = None,
-                 listeners: tuple[Callable[[ScanReport], None], ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        frames: FrameQueue,
+        decoder: Decoder,
+        policy: Policy,
+        seen: RepeatWindow,
+        journal: EventSink,
+        feedback: Indicator,
+        identity: ReaderIdentity,
+        clock_synced: Callable[[], bool],
+        gate: ChangeGate | None = None,
+        metrics: PipelineMetrics | None = None,
+        listeners: tuple[Callable[[ScanReport], None], ...] = (),
+    ) -> None:
         self.frames, self.decoder, self.policy, self.seen = frames, decoder, policy, seen
         self.journal, self.feedback, self.identity = journal, feedback, identity
         self.clock_synced, self.gate = clock_synced, gate
@@ -144,8 +154,9 @@ class ScanLoop:
             codes = tuple(self.decoder.decode(image))
         except Exception as e:  # a bad frame must never stop the reader
             m.errors += 1
-            self._throttle.warn("decode", "frame %d (%s) not decoded: %s", frame.seq,
-                                frame.origin or "camera", e)
+            self._throttle.warn(
+                "decode", "frame %d (%s) not decoded: %s", frame.seq, frame.origin or "camera", e
+            )
             return None
         t1 = time.perf_counter_ns()
         decode_ms = (t1 - t0) / 1e6
@@ -174,8 +185,7 @@ class ScanLoop:
                 # the relay could not be driven (failed, or closed by a stop in progress): the
                 # row already says granted, so a second row says the door did not open
                 m.relay_failures += 1
-                self.journal.append(self._incident("relay_not_driven",
-                                                   {"scan_seq": receipt.seq}))
+                self.journal.append(self._incident("relay_not_driven", {"scan_seq": receipt.seq}))
             else:
                 f2r = (relay_ns - frame.t_ns) / 1e6
                 m.granted += 1
@@ -195,9 +205,16 @@ class ScanLoop:
         return report
 
     def _incident(self, code: str, detail: dict[str, object]) -> NewEvent:
-        return NewEvent(kind="incident", wall_ns=time.time_ns(), clock_synced=self.clock_synced(),
-                        mono_ns=time.monotonic_ns(), door=self.identity.door,
-                        direction=self.identity.direction, reason=code, detail=dict(detail))
+        return NewEvent(
+            kind="incident",
+            wall_ns=time.time_ns(),
+            clock_synced=self.clock_synced(),
+            mono_ns=time.monotonic_ns(),
+            door=self.identity.door,
+            direction=self.identity.direction,
+            reason=code,
+            detail=dict(detail),
+        )
 
     def _event(self, d: Decision, decode_ms: float, verdict_ms: float) -> NewEvent:
         return NewEvent(
@@ -211,8 +228,16 @@ class ScanLoop:
             reason=str(d.reason),
             credential_kind=d.kind,
             subject=d.subject,
-            codes=tuple({"subject": v.subject, "kind": v.kind, "reason": str(v.reason),
-                         "length": v.length, "backend": v.backend} for v in d.codes),
+            codes=tuple(
+                {
+                    "subject": v.subject,
+                    "kind": v.kind,
+                    "reason": str(v.reason),
+                    "length": v.length,
+                    "backend": v.backend,
+                }
+                for v in d.codes
+            ),
             decode_ms=round(decode_ms, 3),
             verdict_ms=round(verdict_ms, 3),
         )
@@ -227,9 +252,15 @@ class CaptureLoop:
     finite source closes the queue.
     """
 
-    def __init__(self, source: FrameSource, frames: FrameQueue, *, read_timeout_s: float = 5.0,
-                 on_incident: Callable[[str, dict[str, object]], None] | None = None,
-                 max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        source: FrameSource,
+        frames: FrameQueue,
+        *,
+        read_timeout_s: float = 5.0,
+        on_incident: Callable[[str, dict[str, object]], None] | None = None,
+        max_backoff_s: float = 30.0,
+    ) -> None:
         self.source, self.frames = source, frames
         self.read_timeout_s = read_timeout_s
         self.on_incident = on_incident or (lambda code, detail: None)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from drivers.pins import make_pin_factory  # noqa: E402
 from drivers.replay import ReplaySource  # noqa: E402
-from firmware.config import parse_config  # noqa: E402
+from firmware.config import Config, parse_config  # noqa: E402
 from firmware.daemon import build_reader  # noqa: E402
 from firmware.decoding.corpus import load_gray, load_manifest, read_ok  # noqa: E402
 from firmware.decoding.registry import BACKENDS, make_decoder  # noqa: E402
@@ -67,11 +67,16 @@ def bench_corpus(rows: list[Row]) -> None:
                 times.append((time.perf_counter() - t0) * 1000)
                 ok += read_ok(it, codes)
             target = targets.get((backend, folder))
-            rows.append(("decode", f"{backend} on {folder}",
-                         f"{ok}/{len(items)} read, median {statistics.median(times):.2f} ms, "
-                         f"p95 {pct(times, 95):.2f} ms",
-                         f"≥ {target}/{len(items)}" if target else "",
-                         ok >= target if target else None))
+            rows.append(
+                (
+                    "decode",
+                    f"{backend} on {folder}",
+                    f"{ok}/{len(items)} read, median {statistics.median(times):.2f} ms, "
+                    f"p95 {pct(times, 95):.2f} ms",
+                    f"≥ {target}/{len(items)}" if target else "",
+                    ok >= target if target else None,
+                )
+            )
 
 
 def _write(folder: Path, name: str, image: np.ndarray) -> Path:
@@ -80,17 +85,21 @@ def _write(folder: Path, name: str, image: np.ndarray) -> Path:
     return p
 
 
-def _reader_config(state: Path, allow: list[bytes]) -> object:
+def _reader_config(state: Path, allow: list[bytes]) -> Config:
     key = bytes(range(32))
     (state / "site.key").write_text(key.hex())
     h = SubjectHasher(key)
     write_badges(state / "badges.json", BadgeList.of(allow=[h.subject(p) for p in allow]))
-    return parse_config({
-        "reader": {"state_dir": str(state / "state")},
-        "camera": {"source": "replay", "path": str(state)},
-        "policy": {"badges": "badges.json", "hmac_key": "site.key", "repeat_window_s": 0.5},
-        "gpio": {"pin_factory": "mock", "pulse_s": 0.1},
-    }, "<bench>", state)
+    return parse_config(
+        {
+            "reader": {"state_dir": str(state / "state")},
+            "camera": {"source": "replay", "path": str(state)},
+            "policy": {"badges": "badges.json", "hmac_key": "site.key", "repeat_window_s": 0.5},
+            "gpio": {"pin_factory": "mock", "pulse_s": 0.1},
+        },
+        "<bench>",
+        state,
+    )
 
 
 def bench_latency(rows: list[Row], presentations: int) -> None:
@@ -99,26 +108,37 @@ def bench_latency(rows: list[Row], presentations: int) -> None:
     for width, height in ((640, 480), (1280, 720)):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            idle = [_write(folder, f"idle{i}.png", f)
-                    for i, f in enumerate(idle_frames(width, height, 8, seed=7))]
+            idle = [
+                _write(folder, f"idle{i}.png", f)
+                for i, f in enumerate(idle_frames(width, height, 8, seed=7))
+            ]
             payloads = [f"QRG-BENCH:{i:04d}".encode() for i in range(8)]
-            codes = [_write(folder, f"code{i}.png", code_frame(width, height, p, seed=i))
-                     for i, p in enumerate(payloads)]
+            codes = [
+                _write(folder, f"code{i}.png", code_frame(width, height, p, seed=i))
+                for i, p in enumerate(payloads)
+            ]
             reel: list[Path] = []
             for i in range(presentations):
                 reel += [idle[(i * 3 + k) % len(idle)] for k in range(3)] + [codes[i % 8]] * 2
             config = _reader_config(folder, payloads)
             reports: list[ScanReport] = []
             source = ReplaySource(reel, fps=30)
-            reader = build_reader(config, pin_factory=make_pin_factory("mock"),  # type: ignore[arg-type]
-                                  source=source, listeners=[reports.append],
-                                  clock_synced=lambda: True)
+            reader = build_reader(
+                config,
+                pin_factory=make_pin_factory("mock"),
+                source=source,
+                listeners=[reports.append],
+                clock_synced=lambda: True,
+            )
             reader.start()
             reader.wait(presentations * 5 / 30 + 60)
             reader.stop()
             f2r = [r.frame_to_relay_ms for r in reports if r.frame_to_relay_ms is not None]
-            added = [r.frame_to_relay_ms - r.decode_ms for r in reports
-                     if r.frame_to_relay_ms is not None]
+            added = [
+                r.frame_to_relay_ms - r.decode_ms
+                for r in reports
+                if r.frame_to_relay_ms is not None
+            ]
             dec = make_decoder("zxing-cpp")
             bare = []
             for _ in range(max(1, presentations // 8)):
@@ -128,17 +148,35 @@ def bench_latency(rows: list[Row], presentations: int) -> None:
                     dec.decode(img)
                     bare.append((time.perf_counter() - t0) * 1000)
             label = f"{width}x{height}"
-            rows.append(("latency", f"frame→relay {label} ({len(f2r)} grants)",
-                         f"p50 {pct(f2r, 50):.2f} ms, p99 {pct(f2r, 99):.2f} ms",
-                         "p99 ≤ 5 ms" if width == 1280 else "",
-                         pct(f2r, 99) <= 5.0 if width == 1280 else None))
-            rows.append(("latency", f"bare decode {label} (same frames)",
-                         f"p50 {pct(bare, 50):.2f} ms, p99 {pct(bare, 99):.2f} ms", "", None))
-            rows.append(("latency", f"pipeline adds {label}",
-                         f"p99 {pct(f2r, 99) - pct(bare, 99):.2f} ms "
-                         f"(per scan, frame→relay − its decode: p50 {pct(added, 50):.2f}, "
-                         f"p99 {pct(added, 99):.2f} ms)", "≤ 1 ms at p99",
-                         pct(f2r, 99) - pct(bare, 99) <= 1.0))
+            rows.append(
+                (
+                    "latency",
+                    f"frame→relay {label} ({len(f2r)} grants)",
+                    f"p50 {pct(f2r, 50):.2f} ms, p99 {pct(f2r, 99):.2f} ms",
+                    "p99 ≤ 5 ms" if width == 1280 else "",
+                    pct(f2r, 99) <= 5.0 if width == 1280 else None,
+                )
+            )
+            rows.append(
+                (
+                    "latency",
+                    f"bare decode {label} (same frames)",
+                    f"p50 {pct(bare, 50):.2f} ms, p99 {pct(bare, 99):.2f} ms",
+                    "",
+                    None,
+                )
+            )
+            rows.append(
+                (
+                    "latency",
+                    f"pipeline adds {label}",
+                    f"p99 {pct(f2r, 99) - pct(bare, 99):.2f} ms "
+                    f"(per scan, frame→relay − its decode: p50 {pct(added, 50):.2f}, "
+                    f"p99 {pct(added, 99):.2f} ms)",
+                    "≤ 1 ms at p99",
+                    pct(f2r, 99) - pct(bare, 99) <= 1.0,
+                )
+            )
 
 
 def bench_idle_cpu(rows: list[Row], seconds: float) -> None:
@@ -151,7 +189,7 @@ def bench_idle_cpu(rows: list[Row], seconds: float) -> None:
             _write(reel, f"{i:03d}.png", f)
         (folder / "qrgate.toml").write_text(f"""
 [reader]
-state_dir = "{folder / 'state'}"
+state_dir = "{folder / "state"}"
 [camera]
 source = "replay"
 path = "{reel}"
@@ -160,9 +198,12 @@ loop = true
 [gpio]
 pin_factory = "mock"
 """)
-        proc = subprocess.Popen([sys.executable, "-m", "firmware.cli", "run", "--config",
-                                 str(folder / "qrgate.toml")], stderr=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firmware.cli", "run", "--config", str(folder / "qrgate.toml")],
+            stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            cwd=REPO,
+        )
         try:
             time.sleep(3.0)  # start-up and first pass through the reel (PNG decoding)
             c0, t0 = _cpu_s(proc.pid), time.monotonic()
@@ -172,8 +213,15 @@ pin_factory = "mock"
             proc.terminate()
             proc.wait(30)
         cpu = (c1 - c0) / (t1 - t0) * 100
-        rows.append(("idle", "daemon CPU, idle 1280x720 @ 30 fps",
-                     f"{cpu:.2f} % of one core", "≤ 5 %", cpu <= 5.0))
+        rows.append(
+            (
+                "idle",
+                "daemon CPU, idle 1280x720 @ 30 fps",
+                f"{cpu:.2f} % of one core",
+                "≤ 5 %",
+                cpu <= 5.0,
+            )
+        )
 
 
 def _cpu_s(pid: int) -> float:
@@ -184,8 +232,15 @@ def _cpu_s(pid: int) -> float:
 def bench_journal(rows: list[Row]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rate = append_rate(Path(tmp) / "journal.db", seconds=3.0)
-    rows.append(("journal", "appends/s, each waiting for its commit, group fsync on",
-                 f"{rate:,.0f}/s", "≥ 5,000/s", rate >= 5000))
+    rows.append(
+        (
+            "journal",
+            "appends/s, each waiting for its commit, group fsync on",
+            f"{rate:,.0f}/s",
+            "≥ 5,000/s",
+            rate >= 5000,
+        )
+    )
 
 
 RSS_CHILD = r"""
@@ -247,15 +302,26 @@ def bench_rss(rows: list[Row], total: int) -> None:
         _write(Path(tmp), "one.png", idle_frames(64, 64, 1, seed=1)[0])
         state = Path(tmp) / "state"
         state.mkdir()
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(REPO), str(state), str(png),
-                              str(total)], capture_output=True, text=True, cwd=REPO, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, str(REPO), str(state), str(png), str(total)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
     if out.returncode != 0:
         rows.append(("memory", "RSS", f"failed: {out.stderr[-300:]}", "", False))
         return
     r1, r2, fd1, fd2, grants = (int(x) for x in out.stdout.split())
-    rows.append(("memory", f"RSS after {total:,} frames vs 1,000 ({grants:,} grants)",
-                 f"{r1 / 1024:.1f} → {r2 / 1024:.1f} MB: +{(r2 - r1) / 1024:.2f} MB; "
-                 f"fds {fd1} → {fd2}", "growth < 5 MB", r2 - r1 < 5 * 1024 and fd1 == fd2))
+    rows.append(
+        (
+            "memory",
+            f"RSS after {total:,} frames vs 1,000 ({grants:,} grants)",
+            f"{r1 / 1024:.1f} → {r2 / 1024:.1f} MB: +{(r2 - r1) / 1024:.2f} MB; fds {fd1} → {fd2}",
+            "growth < 5 MB",
+            r2 - r1 < 5 * 1024 and fd1 == fd2,
+        )
+    )
 
 
 def main() -> None:
@@ -274,11 +340,17 @@ def main() -> None:
         print(f"bench: {name}…", file=sys.stderr, flush=True)
         step()
     cpu = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
-                  if ln.startswith("model name")), "unknown CPU")
-    lines = [f"qrgate bench, {time.strftime('%Y-%m-%d')}, {model}, {os.cpu_count()} cores, "
-             f"Python {sys.version.split()[0]}", "",
-             "| area | measure | result | target | met |", "|---|---|---|---|---|"]
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")),
+        "unknown CPU",
+    )
+    lines = [
+        f"qrgate bench, {time.strftime('%Y-%m-%d')}, {model}, {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}",
+        "",
+        "| area | measure | result | target | met |",
+        "|---|---|---|---|---|",
+    ]
     verdict = {True: "yes", False: "**no**", None: ""}
     lines += [f"| {a} | {m} | {v} | {t} | {verdict[ok]} |" for a, m, v, t, ok in rows]
     missed = sum(ok is False for *_, ok in rows)

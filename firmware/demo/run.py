@@ -52,9 +52,15 @@ def prepare(state: Path, *, reel: Path | None, camera: str | None, fps: float) -
     """Write the demo's key, badges, reel and config into ``state``; return the config path."""
     state.mkdir(parents=True, exist_ok=True)
     hasher = SubjectHasher(_ensure_key(state / "site.key"))
-    write_badges(state / "badges.json", BadgeList(
-        frozenset({hasher.subject(ALLOWED_BADGE)}), frozenset({hasher.subject(REVOKED_BADGE)}),
-        {hasher.subject(ALLOWED_BADGE): "alice (demo)"}, 1))
+    write_badges(
+        state / "badges.json",
+        BadgeList(
+            frozenset({hasher.subject(ALLOWED_BADGE)}),
+            frozenset({hasher.subject(REVOKED_BADGE)}),
+            {hasher.subject(ALLOWED_BADGE): "alice (demo)"},
+            1,
+        ),
+    )
     if camera:
         cam = f'source = "v4l2"\ndevice = "{camera}"\nfps = {fps}'
     else:
@@ -122,16 +128,23 @@ class LiveView:
             d = r.decision
             t = (r.frame.t_ns - self._t0) / 1e9
             verdict = "[bold green]GRANTED[/]" if d.granted else "[bold red]DENIED [/]"
-            f2r = (f"frame→relay {r.frame_to_relay_ms:5.2f} ms"
-                   if r.frame_to_relay_ms is not None else "")
+            f2r = (
+                f"frame→relay {r.frame_to_relay_ms:5.2f} ms"
+                if r.frame_to_relay_ms is not None
+                else ""
+            )
             self.console.print(
                 f"{t:6.2f}s #{r.frame.seq:<4} {verdict} {d.reason!s:<14} {len(d.codes)} code"
                 f"{'s' if len(d.codes) > 1 else ' '}  {self._states()}  "
-                f"decode {r.decode_ms:4.2f} ms  {f2r}", highlight=False, soft_wrap=True)
+                f"decode {r.decode_ms:4.2f} ms  {f2r}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
-def run_demo(state: Path, *, reel: Path | None = None, camera: str | None = None,
-             fps: float = 30.0) -> int:
+def run_demo(
+    state: Path, *, reel: Path | None = None, camera: str | None = None, fps: float = 30.0
+) -> int:
     """Run the demo; returns the process exit code."""
     console = Console()
     try:
@@ -144,11 +157,15 @@ def run_demo(state: Path, *, reel: Path | None = None, camera: str | None = None
         return 2
     ref.append(reader)
     source = camera or (reel or state / "reel")
-    console.print(f"[bold]qrgate demo[/]: door {config.reader.door!r}, camera "
-                  f"{config.camera.source} ({source}) at {fps:g} fps, decoder "
-                  f"{config.decoder.backend}, gpiozero mock pins, journal {config.journal_path}")
-    console.print("[dim]badges: the demo's allowed badge is on the allowlist, its revoked "
-                  "badge on the denylist; anything else is unknown. Ctrl-C stops.[/]")
+    console.print(
+        f"[bold]qrgate demo[/]: door {config.reader.door!r}, camera "
+        f"{config.camera.source} ({source}) at {fps:g} fps, decoder "
+        f"{config.decoder.backend}, gpiozero mock pins, journal {config.journal_path}"
+    )
+    console.print(
+        "[dim]badges: the demo's allowed badge is on the allowlist, its revoked "
+        "badge on the denylist; anything else is unknown. Ctrl-C stops.[/]"
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reader.stop_event.set()
@@ -166,10 +183,14 @@ def run_demo(state: Path, *, reel: Path | None = None, camera: str | None = None
     s = reader.summary()
     table = Table(title="summary", show_header=False)
     rows = [
-        ("frames", s["frames"]), ("decoded frames", s["decoded_frames"]),
-        ("idle frames skipped", s["skipped_idle"]), ("frames dropped (stale)", s["dropped"]),
-        ("codes decoded", s["decodes"]), ("scans decided", s["decisions"]),
-        ("granted", s["granted"]), ("denied", s["denied"]),
+        ("frames", s["frames"]),
+        ("decoded frames", s["decoded_frames"]),
+        ("idle frames skipped", s["skipped_idle"]),
+        ("frames dropped (stale)", s["dropped"]),
+        ("codes decoded", s["decodes"]),
+        ("scans decided", s["decisions"]),
+        ("granted", s["granted"]),
+        ("denied", s["denied"]),
         ("repeats suppressed", s["suppressed_repeats"]),
         ("frame→relay p50", _ms(s["frame_to_relay_ms_p50"])),
         ("frame→relay p99", _ms(s["frame_to_relay_ms_p99"])),
@@ -178,8 +199,10 @@ def run_demo(state: Path, *, reel: Path | None = None, camera: str | None = None
     for k, v in rows:
         table.add_row(k, str(v))
     console.print(table)
-    console.print(f"journal: {config.journal_path}  (try: .venv/bin/qrgate journal tail "
-                  f"--db {config.journal_path})")
+    console.print(
+        f"journal: {config.journal_path}  (try: .venv/bin/qrgate journal tail "
+        f"--db {config.journal_path})"
+    )
     return reader.exit_code
 
 

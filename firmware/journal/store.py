@@ -652,7 +652,8 @@ class Journal:
             os.close(fd)
             raise JournalError(
                 f"another process is writing the journal {self.path}: stop it, or give this "
-                "reader its own journal.path; giving up") from None
+                "reader its own journal.path; giving up"
+            ) from None
         self._writer_lock_fd = fd
 
     def _drop_writer_lock(self) -> None:

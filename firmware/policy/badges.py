@@ -65,8 +65,9 @@ class BadgeKind:
 
 
 def _fail(path: Path, what: str) -> CredentialListError:
-    return CredentialListError(f"{path}: {what}; fix the file (a running reader keeps its "
-                               "last good badge list)")
+    return CredentialListError(
+        f"{path}: {what}; fix the file (a running reader keeps its last good badge list)"
+    )
 
 
 def _subject(path: Path, where: str, v: Any) -> str:

@@ -41,8 +41,9 @@ class Policy:
     ``max_payload``: bytes; a longer payload is malformed without being checked.
     """
 
-    def __init__(self, kinds: Sequence[CredentialKind], hasher: SubjectHasher,
-                 max_payload: int = 4096) -> None:
+    def __init__(
+        self, kinds: Sequence[CredentialKind], hasher: SubjectHasher, max_payload: int = 4096
+    ) -> None:
         self.kinds = tuple(kinds)
         self.hasher = hasher
         self.max_payload = max_payload
@@ -64,8 +65,9 @@ class Policy:
                     break
         return CodeVerdict(granted, reason, kind_name, subject, len(payload), code.backend)
 
-    def decide(self, codes: Sequence[DecodedCode], seen: RepeatWindow, mono_ns: int,
-               wall_ns: int) -> Decision | None:
+    def decide(
+        self, codes: Sequence[DecodedCode], seen: RepeatWindow, mono_ns: int, wall_ns: int
+    ) -> Decision | None:
         """The decision for the codes in one frame, or None when there are none.
 
         ``seen`` is only read here (the caller records the codes afterwards with
@@ -82,8 +84,9 @@ class Policy:
             return None
         if all(seen.is_recent(p, mono_ns) for p in distinct):
             return Decision(False, Reason.REPEAT, None, None, (), suppressed=True)
-        verdicts = tuple(sorted((self._one(c, wall_ns) for c in distinct.values()),
-                                key=lambda v: v.subject))
+        verdicts = tuple(
+            sorted((self._one(c, wall_ns) for c in distinct.values()), key=lambda v: v.subject)
+        )
         if len(verdicts) == 1:
             v = verdicts[0]
             return Decision(v.granted, v.reason, v.kind, v.subject, verdicts)

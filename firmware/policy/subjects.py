@@ -22,7 +22,8 @@ class SubjectHasher:
         if len(key) < MIN_KEY_BYTES:
             raise CredentialListError(
                 f"site HMAC key is {len(key)} bytes, need at least {MIN_KEY_BYTES}: "
-                "make one with `qrgate badge keygen`")
+                "make one with `qrgate badge keygen`"
+            )
         self._key = key
 
     def subject(self, payload: bytes) -> str:
@@ -36,9 +37,13 @@ def load_key(path: Path) -> bytes:
         text = path.read_text(encoding="ascii").strip()
         key = bytes.fromhex(text)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CredentialListError(f"{path}: cannot read the site HMAC key (hex text): {e}; "
-                                  "fix the file, the reader cannot start without it") from None
+        raise CredentialListError(
+            f"{path}: cannot read the site HMAC key (hex text): {e}; "
+            "fix the file, the reader cannot start without it"
+        ) from None
     if len(key) < MIN_KEY_BYTES or len(set(key)) == 1:
-        raise CredentialListError(f"{path}: the site HMAC key must be at least {MIN_KEY_BYTES} "
-                                  "random bytes; make one with `qrgate badge keygen`")
+        raise CredentialListError(
+            f"{path}: the site HMAC key must be at least {MIN_KEY_BYTES} "
+            "random bytes; make one with `qrgate badge keygen`"
+        )
     return key

@@ -35,6 +35,11 @@ topic (after the prefix)  direction    QoS    retained  payload
                                                         ``report_status``
 ``cmd/<name>/result``     reader →     1      no        ``{"request_id", "ok": bool,
                                                         "result" | "error"}``
+``last_verdict``          reader →     1      yes       the newest decided scan: ``{"seq",
+                                                        "event_id", "decision", "reason",
+                                                        "credential_kind", "door",
+                                                        "wall_ns", "clock_synced"}`` (for
+                                                        dashboards; never the subject)
 ``config/desired``        → reader     1      yes       desired configuration (reserved)
 ``credentials/snapshot``  → reader     1      yes       reserved: the credentials issue
 ``ota/job``, ``ota/state``  both       1      yes       reserved: the OTA issue
@@ -46,6 +51,19 @@ forgotten only after ``events/ack`` covers it. Delivery is at least once: the ba
 stores events idempotently by (device, event_id) and acknowledges the highest contiguous seq.
 A gap record stands for seqs the reader had to drop (size cap, full disk) before they were
 acknowledged, so contiguity can continue past them.
+
+Additions (version 1 still; readers of the table above need not know them):
+
+* ``status`` also carries ``"uplink": {"reconnects", "takeovers", "auth_refusals",
+  "loop_failures", "inbound_dropped", "published", "resent", "refused"}`` (counters since
+  the daemon started).
+* ``telemetry`` also carries ``"backlog"`` (unpublished rows) and ``"in_flight"``.
+* A gap record's ``"seq"`` is its ``to_seq`` (it stands where the last dropped seq stood) and
+  it also carries ``"wall_ns"`` (when the rows were dropped).
+* Home Assistant MQTT discovery (opt-in), retained, under
+  ``homeassistant/<component>/<node>/<object>/config`` with ``<node>`` = ``qrgate_<device>``:
+  ``binary_sensor/<node>/online`` (from ``status``), ``sensor/<node>/last_verdict`` (from
+  ``last_verdict``), ``button/<node>/unlock`` (publishes to ``cmd/unlock``).
 """
 
 from __future__ import annotations
@@ -56,8 +74,10 @@ from typing import Any
 
 from firmware.exceptions import BadMessageError
 from firmware.journal.events import StoredEvent
+from firmware.journal.outbox import GapRecord
 
 PREFIX = "qrgate/v1"
+HA_PREFIX = "homeassistant"
 MAX_MESSAGE_BYTES = 256 * 1024
 """Inbound messages larger than this are refused unread (a 1 MB command is hostile)."""
 
@@ -108,6 +128,20 @@ class Topics:
     def config_desired(self) -> str:
         return f"{self.base}/config/desired"
 
+    @property
+    def last_verdict(self) -> str:
+        return f"{self.base}/last_verdict"
+
+
+def ha_node(device: str) -> str:
+    """The Home Assistant node id of a reader: ``qrgate_<device>``."""
+    return f"qrgate_{device}"
+
+
+def ha_discovery_topic(component: str, node: str, obj: str) -> str:
+    """``homeassistant/<component>/<node>/<object>/config``."""
+    return f"{HA_PREFIX}/{component}/{node}/{obj}/config"
+
 
 def parse_topic(topic: str) -> tuple[str, str, str] | None:
     """(site, device, rest) of a contract topic, or None when it is not one of ours."""
@@ -126,13 +160,38 @@ def event_json(stored: StoredEvent) -> dict[str, Any]:
     """A journal row as it travels in ``events`` (never the raw payload: subjects are HMACs)."""
     e = stored.event
     return {
-        "kind": e.kind, "seq": stored.seq, "event_id": stored.event_id,
-        "boot_id": stored.boot_id, "wall_ns": e.wall_ns, "clock_synced": e.clock_synced,
-        "mono_ns": e.mono_ns, "door": e.door, "direction": e.direction,
-        "decision": e.decision, "reason": e.reason, "credential_kind": e.credential_kind,
-        "subject": e.subject, "codes": list(e.codes), "decode_ms": e.decode_ms,
-        "verdict_ms": e.verdict_ms, "frame_to_relay_ms": e.frame_to_relay_ms,
+        "kind": e.kind,
+        "seq": stored.seq,
+        "event_id": stored.event_id,
+        "boot_id": stored.boot_id,
+        "wall_ns": e.wall_ns,
+        "clock_synced": e.clock_synced,
+        "mono_ns": e.mono_ns,
+        "door": e.door,
+        "direction": e.direction,
+        "decision": e.decision,
+        "reason": e.reason,
+        "credential_kind": e.credential_kind,
+        "subject": e.subject,
+        "codes": list(e.codes),
+        "decode_ms": e.decode_ms,
+        "verdict_ms": e.verdict_ms,
+        "frame_to_relay_ms": e.frame_to_relay_ms,
         "detail": e.detail,
+    }
+
+
+def gap_json(gap: GapRecord) -> dict[str, Any]:
+    """A gap record as it travels in ``events``: seqs ``from_seq``..``to_seq`` (``count`` rows)
+    were dropped for ``reason``; ``seq`` is ``to_seq``."""
+    return {
+        "kind": "gap",
+        "seq": gap.to_seq,
+        "from_seq": gap.from_seq,
+        "to_seq": gap.to_seq,
+        "count": gap.count,
+        "reason": gap.reason,
+        "wall_ns": gap.wall_ns,
     }
 
 

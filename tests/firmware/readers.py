@@ -18,15 +18,27 @@ KEY = bytes(range(100, 132))
 HASHER = SubjectHasher(KEY)
 
 
-def write_reader_config(tmp_path: Path, *, allow: Sequence[bytes] = (), deny: Sequence[bytes] = (),
-                        repeat_window_s: float = 5.0, backend: str = "zxing-cpp",
-                        reel: Path | None = None, fps: float = 30.0,
-                        extra: str = "") -> Path:
+def write_reader_config(
+    tmp_path: Path,
+    *,
+    allow: Sequence[bytes] = (),
+    deny: Sequence[bytes] = (),
+    repeat_window_s: float = 5.0,
+    backend: str = "zxing-cpp",
+    reel: Path | None = None,
+    fps: float = 30.0,
+    extra: str = "",
+) -> Path:
     """A complete reader config in ``tmp_path`` (key, badge list, replay camera, mock pins)."""
     (tmp_path / "site.key").write_text(KEY.hex())
-    write_badges(tmp_path / "badges.json", BadgeList.of(
-        allow=[HASHER.subject(p) for p in allow], deny=[HASHER.subject(p) for p in deny],
-        version=1))
+    write_badges(
+        tmp_path / "badges.json",
+        BadgeList.of(
+            allow=[HASHER.subject(p) for p in allow],
+            deny=[HASHER.subject(p) for p in deny],
+            version=1,
+        ),
+    )
     f = tmp_path / "qrgate.toml"
     f.write_text(f"""
 [reader]
@@ -35,7 +47,7 @@ state_dir = "state"
 
 [camera]
 source = "replay"
-path = "{reel or tmp_path / 'reel'}"
+path = "{reel or tmp_path / "reel"}"
 fps = {fps}
 
 [decoder]
@@ -54,9 +66,18 @@ pulse_s = 0.2
     return f
 
 
-def make_reader(config: Config, source: FrameSource, *,
-                listeners: Sequence[Callable[[ScanReport], None]] = (),
-                pin_factory: Any = None) -> Reader:
+def make_reader(
+    config: Config,
+    source: FrameSource,
+    *,
+    listeners: Sequence[Callable[[ScanReport], None]] = (),
+    pin_factory: Any = None,
+) -> Reader:
     """A reader on mock PWM pins with the given frame source."""
-    return build_reader(config, pin_factory=pin_factory or make_pin_factory("mock"),
-                        source=source, listeners=listeners, clock_synced=lambda: False)
+    return build_reader(
+        config,
+        pin_factory=pin_factory or make_pin_factory("mock"),
+        source=source,
+        listeners=listeners,
+        clock_synced=lambda: False,
+    )

@@ -36,7 +36,8 @@ def code_png(folder: Path, name: str, payload: bytes) -> Path:
 
 
 def test_hostile_payloads_get_verdicts_and_rows(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reel = tmp_path / "reel"
     reel.mkdir()
     order = []
@@ -45,9 +46,11 @@ def test_hostile_payloads_get_verdicts_and_rows(
         order.append(name)
     (reel / "9-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (reel / "9-empty.png").write_bytes(b"")
-    cfg = load_config(write_reader_config(tmp_path, allow=[HOSTILE["binary"]],
-                                          reel=reel, fps=30,
-                                          extra="", repeat_window_s=1.0))
+    cfg = load_config(
+        write_reader_config(
+            tmp_path, allow=[HOSTILE["binary"]], reel=reel, fps=30, extra="", repeat_window_s=1.0
+        )
+    )
     reports: list[ScanReport] = []
     reader = make_reader(cfg, ReplaySource(reel, fps=30, repeat=3), listeners=[reports.append])
     with caplog.at_level(logging.DEBUG):
@@ -108,14 +111,17 @@ def test_decode_cli_json_exact_bytes(tmp_path: Path) -> None:
 def test_journal_cli_tail_and_stats(tmp_path: Path) -> None:
     cfg_path = write_reader_config(tmp_path, allow=[b"DOOR1:7f3a9c21e4b8"])
     cfg = load_config(cfg_path)
-    reader = make_reader(cfg, ReplaySource([case_file("B06.png")] * 3 + [case_file("B01.png")],
-                                           fps=30))
+    reader = make_reader(
+        cfg, ReplaySource([case_file("B06.png")] * 3 + [case_file("B01.png")], fps=30)
+    )
     run_reel(reader)
     r = CliRunner().invoke(main, ["journal", "tail", "--config", str(cfg_path), "--json"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [(x["decision"], x["reason"]) for x in rows] == [("granted", "granted"),
-                                                            ("denied", "unknown")]
+    assert [(x["decision"], x["reason"]) for x in rows] == [
+        ("granted", "granted"),
+        ("denied", "unknown"),
+    ]
     assert rows[0]["seq"] < rows[1]["seq"] and rows[0]["frame_to_relay_ms"] is not None
     r = CliRunner().invoke(main, ["journal", "stats", "--db", str(cfg.journal_path)])
     stats = json.loads(r.stdout)

@@ -20,4 +20,3 @@ def test_clock_status_caches_and_reprobes() -> None:
     assert c.synced() is False and len(calls) == 1  # inside the TTL: no new probe
     now[0] = 111.0
     assert c.synced() is True and calls == [100.0, 111.0]
-

@@ -58,22 +58,38 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert c.journal.fsync_interval_ms == 50
 
 
-@pytest.mark.parametrize("patch, key, expected, found", [
-    (("fps = 15", 'fps = "fast"'), "camera.fps", "a number from 0 to 240", "string 'fast'"),
-    (("fps = 15", "fps = 1000"), "camera.fps", "a number from 0 to 240", "number 1000"),
-    (('backend = "cascade"', 'backend = "opencv"'), "decoder.backend", "'zxing-cpp'",
-     "string 'opencv'"),
-    (("relay_pin = 17", "relay_pin = 5"), "gpio", "distinct pins", "pins [5, 5, 6, 12]"),
-    (("relay_pin = 17", "relay_pn = 17"), "gpio.relay_pn", "known keys", "an unknown key"),
-    (("led = { red = 5, green = 6 }", "led = { red = 5 }"), "gpio.led", "{red, green}",
-     "a table"),
-    (("relay_active_high = false", 'relay_active_high = "no"'), "gpio.relay_active_high",
-     "true or false", "string 'no'"),
-    (("[journal]", "[jornal]"), "jornal", "known keys", "an unknown key"),
-    (('path = "reel"', ""), "camera.path", "a folder, image or video", "nothing"),
-])
-def test_bad_values_named(tmp_path: Path, patch: tuple[str, str], key: str, expected: str,
-                          found: str) -> None:
+@pytest.mark.parametrize(
+    "patch, key, expected, found",
+    [
+        (("fps = 15", 'fps = "fast"'), "camera.fps", "a number from 0 to 240", "string 'fast'"),
+        (("fps = 15", "fps = 1000"), "camera.fps", "a number from 0 to 240", "number 1000"),
+        (
+            ('backend = "cascade"', 'backend = "opencv"'),
+            "decoder.backend",
+            "'zxing-cpp'",
+            "string 'opencv'",
+        ),
+        (("relay_pin = 17", "relay_pin = 5"), "gpio", "distinct pins", "pins [5, 5, 6, 12]"),
+        (("relay_pin = 17", "relay_pn = 17"), "gpio.relay_pn", "known keys", "an unknown key"),
+        (
+            ("led = { red = 5, green = 6 }", "led = { red = 5 }"),
+            "gpio.led",
+            "{red, green}",
+            "a table",
+        ),
+        (
+            ("relay_active_high = false", 'relay_active_high = "no"'),
+            "gpio.relay_active_high",
+            "true or false",
+            "string 'no'",
+        ),
+        (("[journal]", "[jornal]"), "jornal", "known keys", "an unknown key"),
+        (('path = "reel"', ""), "camera.path", "a folder, image or video", "nothing"),
+    ],
+)
+def test_bad_values_named(
+    tmp_path: Path, patch: tuple[str, str], key: str, expected: str, found: str
+) -> None:
     f = write(tmp_path, GOOD.replace(*patch))
     with pytest.raises(ConfigError) as e:
         load_config(f)

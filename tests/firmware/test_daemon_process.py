@@ -29,8 +29,11 @@ class Daemon:
     """A ``qrgate run`` subprocess whose stderr lines are collected by a thread."""
 
     def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen([*QRGATE, "run", "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [*QRGATE, "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.lines: list[str] = []
         self.changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -62,8 +65,13 @@ class Daemon:
     def scanned_seqs(self) -> set[int]:
         # only complete lines: a line cut by the kill is not evidence of anything
         with self.changed:
-            return {int(m.group(1)) for line in self.lines if line.endswith("\n")
-                    for m in [SCAN_LINE.search(line)] if m}
+            return {
+                int(m.group(1))
+                for line in self.lines
+                if line.endswith("\n")
+                for m in [SCAN_LINE.search(line)]
+                if m
+            }
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +80,17 @@ def burst_reel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[byt
     folder = tmp_path_factory.mktemp("burst")
     payloads = [f"QRG-BURST:{i:05d}".encode() for i in range(500)]
     for i, p in enumerate(payloads):
-        segno.make(p, error="m", boost_error=False).save(folder / f"{i:05d}.png", scale=4,
-                                                         border=4)
+        segno.make(p, error="m", boost_error=False).save(folder / f"{i:05d}.png", scale=4, border=4)
     return folder, payloads
 
 
 def test_c20a_kill9_during_burst_loses_no_scan_that_got_feedback(
-        tmp_path: Path, burst_reel: tuple[Path, list[bytes]]) -> None:
+    tmp_path: Path, burst_reel: tuple[Path, list[bytes]]
+) -> None:
     folder, payloads = burst_reel
-    config = write_reader_config(tmp_path, allow=payloads[::2], reel=folder, fps=240,
-                                 repeat_window_s=60)
+    config = write_reader_config(
+        tmp_path, allow=payloads[::2], reel=folder, fps=240, repeat_window_s=60
+    )
     rng = random.Random(2026)
     db = tmp_path / "state" / "journal.db"
     all_seen: set[int] = set()
@@ -110,8 +119,9 @@ def looping_config(tmp_path: Path) -> Path:
     # the badge for one frame, then 0.7 s of empty wall: a new presentation every loop
     for i, name in enumerate(["B06.png"] + ["B07.png"] * 20):
         (reel / f"{i:02d}.png").write_bytes(case_file(name).read_bytes())
-    cfg = write_reader_config(tmp_path, allow=[b"DOOR1:7f3a9c21e4b8"], reel=reel, fps=30,
-                              repeat_window_s=0.5)
+    cfg = write_reader_config(
+        tmp_path, allow=[b"DOOR1:7f3a9c21e4b8"], reel=reel, fps=30, repeat_window_s=0.5
+    )
     cfg.write_text(cfg.read_text().replace("fps = 30", "fps = 30\nloop = true"))
     return cfg
 
@@ -121,8 +131,13 @@ def test_c12_second_instance_exits_before_touching_anything(tmp_path: Path) -> N
     first = Daemon(cfg)
     try:
         assert first.wait_for("reader ready"), "".join(first.lines)
-        second = subprocess.run([*QRGATE, "run", "--config", str(cfg)], capture_output=True,
-                                text=True, timeout=60, check=False)
+        second = subprocess.run(
+            [*QRGATE, "run", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert second.returncode == 3
         assert f"another qrgate daemon (pid {first.proc.pid})" in second.stderr
         assert "reader ready" not in second.stderr
@@ -159,8 +174,13 @@ def test_sighup_locks_and_stops_cleanly(tmp_path: Path) -> None:
 
 def test_missing_camera_is_one_clear_line(tmp_path: Path) -> None:
     cfg = write_reader_config(tmp_path, reel=tmp_path / "no-such-reel")
-    r = subprocess.run([*QRGATE, "run", "--config", str(cfg)], capture_output=True, text=True,
-                       timeout=60, check=False)
+    r = subprocess.run(
+        [*QRGATE, "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 3
     assert "qrgate: cannot start:" in r.stderr and "no-such-reel" in r.stderr
     assert "Traceback" not in r.stderr

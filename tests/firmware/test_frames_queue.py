@@ -56,7 +56,7 @@ def scene(seed: int, code_at: tuple[int, int] | None = None) -> np.ndarray:
     if code_at:
         y, x = code_at
         block = (rng.random((25, 25)) > 0.5).repeat(8, 0).repeat(8, 1)
-        img[y:y + 200, x:x + 200] = np.where(block, 20, 235)
+        img[y : y + 200, x : x + 200] = np.where(block, 20, 235)
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -89,12 +89,19 @@ def test_lock_excludes_second_holder_in_another_process(tmp_path: Path) -> None:
     lock = InstanceLock(tmp_path / "qrgate.lock")
     lock.acquire()
     try:
-        code = ("import sys; from pathlib import Path; from firmware.lock import InstanceLock\n"
-                "from firmware.exceptions import InstanceLockedError\n"
-                "try:\n InstanceLock(Path(sys.argv[1])).acquire()\n"
-                "except InstanceLockedError as e:\n print(e); sys.exit(3)\n")
-        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qrgate.lock")],
-                           capture_output=True, text=True, timeout=60, check=False)
+        code = (
+            "import sys; from pathlib import Path; from firmware.lock import InstanceLock\n"
+            "from firmware.exceptions import InstanceLockedError\n"
+            "try:\n InstanceLock(Path(sys.argv[1])).acquire()\n"
+            "except InstanceLockedError as e:\n print(e); sys.exit(3)\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "qrgate.lock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert r.returncode == 3 and "another qrgate daemon" in r.stdout
         with pytest.raises(InstanceLockedError):
             InstanceLock(tmp_path / "qrgate.lock").acquire()

@@ -518,8 +518,11 @@ def test_zero_byte_journal_with_history_is_an_incident(tmp_path: Path) -> None:
     j.open()
     last = 0
     for i in range(5):
-        last = j.append(NewEvent(kind="scan", wall_ns=i, clock_synced=False, mono_ns=i,
-                                 door="d", direction="in")).seq
+        last = j.append(
+            NewEvent(
+                kind="scan", wall_ns=i, clock_synced=False, mono_ns=i, door="d", direction="in"
+            )
+        ).seq
     j.close()
     for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if side.exists():

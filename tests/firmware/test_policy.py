@@ -29,8 +29,7 @@ def code(payload: bytes, exact: bool = True, backend: str = "zxing-cpp") -> Deco
 
 @pytest.fixture
 def policy() -> Policy:
-    badges = BadgeList.of(allow=[H.subject(ALICE), H.subject(MALLORY)],
-                          deny=[H.subject(MALLORY)])
+    badges = BadgeList.of(allow=[H.subject(ALICE), H.subject(MALLORY)], deny=[H.subject(MALLORY)])
     return Policy([BadgeKind(badges)], H, max_payload=64)
 
 
@@ -115,24 +114,34 @@ def test_repeat_window_is_bounded() -> None:
 
 def test_badge_file_round_trip(tmp_path: Path) -> None:
     f = tmp_path / "badges.json"
-    write_badges(f, BadgeList(frozenset({H.subject(ALICE)}), frozenset({H.subject(EVE)}),
-                              {H.subject(ALICE): "alice"}, 7))
+    write_badges(
+        f,
+        BadgeList(
+            frozenset({H.subject(ALICE)}),
+            frozenset({H.subject(EVE)}),
+            {H.subject(ALICE): "alice"},
+            7,
+        ),
+    )
     b = load_badges(f)
     assert b.version == 7 and H.subject(ALICE) in b.allow and H.subject(EVE) in b.deny
     assert b.labels[H.subject(ALICE)] == "alice"
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("{not json", "not valid JSON"),
-    ('["a"]', "JSON object"),
-    ('{"allow": "x"}', "arrays"),
-    ('{"allow": ["abc"]}', "allow[0]"),
-    ('{"deny": ["' + "z" * 64 + '"]}', "not hex"),
-    ('{"version": "2"}', "version"),
-    ('{"alow": []}', "unknown key 'alow'"),
-    ('{"allow": [{"subject": "' + "a" * 64 + '", "label": 7}]}', "allow[0].label"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"allow": "x"}', "arrays"),
+        ('{"allow": ["abc"]}', "allow[0]"),
+        ('{"deny": ["' + "z" * 64 + '"]}', "not hex"),
+        ('{"version": "2"}', "version"),
+        ('{"alow": []}', "unknown key 'alow'"),
+        ('{"allow": [{"subject": "' + "a" * 64 + '", "label": 7}]}', "allow[0].label"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
 def test_broken_badge_file_named_error(tmp_path: Path, content: str, needle: str) -> None:
     f = tmp_path / "badges.json"
     f.write_text(content)

@@ -48,8 +48,9 @@ def frames(*parts: tuple[str, int]) -> list[Path]:
 def test_c05_held_badge_pulses_once(tmp_path: Path) -> None:
     cfg = load_config(write_reader_config(tmp_path, allow=[HELD], repeat_window_s=2.0))
     reports: list[ScanReport] = []
-    reader = make_reader(cfg, ReplaySource(frames(("B06.png", 90)), fps=30),
-                         listeners=[reports.append])
+    reader = make_reader(
+        cfg, ReplaySource(frames(("B06.png", 90)), fps=30), listeners=[reports.append]
+    )
     run_reel(reader)
     assert scans(reader) == [("granted", "granted")]
     assert reader.feedback.relay.pulse_count == 1
@@ -81,8 +82,9 @@ def test_c06_different_code_not_suppressed(tmp_path: Path) -> None:
 def test_c04_several_codes_deny_and_log_every_code(tmp_path: Path, backend: str) -> None:
     cfg = load_config(write_reader_config(tmp_path, allow=[A], deny=[B], backend=backend))
     reports: list[ScanReport] = []
-    reader = make_reader(cfg, ReplaySource(frames(("B05.png", 3)), fps=30),
-                         listeners=[reports.append])
+    reader = make_reader(
+        cfg, ReplaySource(frames(("B05.png", 3)), fps=30), listeners=[reports.append]
+    )
     run_reel(reader)
     assert reader.feedback.relay.pulse_count == 0
     assert reports and not any(r.decision.granted for r in reports)
@@ -90,15 +92,17 @@ def test_c04_several_codes_deny_and_log_every_code(tmp_path: Path, backend: str)
     first = rows[0].event
     seen = {c.payload for r in reports for c in r.codes}
     # every decoded code is in the journal row, by subject
-    assert {c["subject"] for c in first.codes} == {HASHER.subject(p) for p in
-                                                    {c.payload for c in reports[0].codes}}
+    assert {c["subject"] for c in first.codes} == {
+        HASHER.subject(p) for p in {c.payload for c in reports[0].codes}
+    }
     if B in seen:
         assert first.reason == "revoked"
     assert first.decision == "denied"
 
 
 def test_c10_focus_granted_on_first_readable_frame_no_spam(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = load_config(write_reader_config(tmp_path, allow=[HELD], repeat_window_s=2.0))
     reel = frames(("B13-severe.png", 90), ("B13.png", 30), ("B06.png", 30))
     reports: list[ScanReport] = []
@@ -144,14 +148,14 @@ def test_c13c_relay_locked_before_camera_and_journal(tmp_path: Path) -> None:
 
 
 def test_c13a_exception_mid_pulse_locks_door(tmp_path: Path) -> None:
-    cfg = load_config(write_reader_config(tmp_path, allow=[HELD],
-                                          extra="relay_active_high = false"))
+    cfg = load_config(
+        write_reader_config(tmp_path, allow=[HELD], extra="relay_active_high = false")
+    )
 
     def explode(report: ScanReport) -> None:
         raise KeyboardInterrupt("simulated crash in the scan thread")
 
-    reader = make_reader(cfg, ReplaySource(frames(("B06.png", 30)), fps=30),
-                         listeners=[explode])
+    reader = make_reader(cfg, ReplaySource(frames(("B06.png", 30)), fps=30), listeners=[explode])
     reader.start()
     assert reader.wait(30)
     relay = reader.feedback.relay
@@ -163,11 +167,13 @@ def test_c13a_exception_mid_pulse_locks_door(tmp_path: Path) -> None:
 
 
 def test_c13b_stop_mid_pulse(tmp_path: Path) -> None:
-    cfg = load_config(write_reader_config(tmp_path, allow=[HELD],
-                                          extra="relay_active_high = false"))
+    cfg = load_config(
+        write_reader_config(tmp_path, allow=[HELD], extra="relay_active_high = false")
+    )
     granted = threading.Event()
-    reader = make_reader(cfg, ReplaySource(frames(("B06.png", 300)), fps=30),
-                         listeners=[lambda r: granted.set()])
+    reader = make_reader(
+        cfg, ReplaySource(frames(("B06.png", 300)), fps=30), listeners=[lambda r: granted.set()]
+    )
     reader.start()
     assert granted.wait(30)
     assert reader.feedback.relay.is_unlocked
@@ -206,8 +212,11 @@ def test_camera_stall_is_journaled_and_scanning_resumes(tmp_path: Path) -> None:
     reader = make_reader(cfg, src)
     run_reel(reader)
     rows = [(s.event.kind, s.event.reason) for s in JournalReader(cfg.journal_path).tail(10)]
-    assert rows == [("incident", "camera_stalled"), ("incident", "camera_recovered"),
-                    ("scan", "granted")]
+    assert rows == [
+        ("incident", "camera_stalled"),
+        ("incident", "camera_recovered"),
+        ("scan", "granted"),
+    ]
     assert src.opens == 2
 
 
@@ -216,8 +225,10 @@ def test_grant_whose_relay_cannot_be_driven_is_recorded(tmp_path: Path) -> None:
     reader = make_reader(cfg, ReplaySource(frames(("B06.png", 3)), fps=30))
     reader.feedback.relay.close()  # a dead relay driver: Feedback.granted() returns -1
     run_reel(reader)
-    rows = [(s.event.kind, s.event.reason, s.event.detail)
-            for s in JournalReader(cfg.journal_path).tail(10)]
+    rows = [
+        (s.event.kind, s.event.reason, s.event.detail)
+        for s in JournalReader(cfg.journal_path).tail(10)
+    ]
     assert rows[0][:2] == ("scan", "granted")
     assert rows[1][:2] == ("incident", "relay_not_driven") and rows[1][2]["scan_seq"] == 1
     assert reader.metrics.granted == 0 and reader.metrics.relay_failures == 1
