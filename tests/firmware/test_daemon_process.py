@@ -3,85 +3,26 @@ during a burst: every scan that got feedback survives)."""
 
 from __future__ import annotations
 
-import io
 import random
-import re
 import signal
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import segno
 
 from firmware.journal.reader import JournalReader
+from tests.firmware.daemons import QRGATE, Daemon, write_codes
 from tests.firmware.readers import write_reader_config
 from tests.shared import case_file
-
-QRGATE = [sys.executable, "-m", "firmware.cli"]
-SCAN_LINE = re.compile(r"scan seq=(\d+) ")
-
-
-class Daemon:
-    """A ``qrgate run`` subprocess whose stderr lines are collected by a thread."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [*QRGATE, "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in io.TextIOWrapper(self.proc.stderr, errors="replace"):
-            with self.changed:
-                self.lines.append(raw)
-                self.changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout_s: float = 60.0) -> bool:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        with self.changed:
-            while not any(rx.search(line) for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    return any(rx.search(line) for line in self.lines)
-                self.changed.wait(min(left, 0.2))
-        return True
-
-    def finish(self, timeout_s: float = 30.0) -> int:
-        code = self.proc.wait(timeout_s)
-        self._reader.join(10)
-        return code
-
-    def scanned_seqs(self) -> set[int]:
-        # only complete lines: a line cut by the kill is not evidence of anything
-        with self.changed:
-            return {
-                int(m.group(1))
-                for line in self.lines
-                if line.endswith("\n")
-                for m in [SCAN_LINE.search(line)]
-                if m
-            }
 
 
 @pytest.fixture(scope="module")
 def burst_reel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bytes]]:
     """500 distinct codes, one per frame: a 500-scan burst."""
-    folder = tmp_path_factory.mktemp("burst")
     payloads = [f"QRG-BURST:{i:05d}".encode() for i in range(500)]
-    for i, p in enumerate(payloads):
-        segno.make(p, error="m", boost_error=False).save(folder / f"{i:05d}.png", scale=4, border=4)
-    return folder, payloads
+    return write_codes(tmp_path_factory.mktemp("burst") / "reel", payloads), payloads
 
 
 def test_c20a_kill9_during_burst_loses_no_scan_that_got_feedback(

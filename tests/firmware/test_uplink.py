@@ -11,18 +11,15 @@ instead of 60 s (the cap itself is a unit test).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +30,6 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-import segno
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from drivers.frames import Frame, FrameSource, GrayImage
@@ -50,6 +46,7 @@ from firmware.pipeline import ScanReport
 from firmware.policy.badges import BadgeList, write_badges
 from firmware.uplink.identity import device_id
 from firmware.uplink.topics import ALL_EVENTS, ALL_STATUS, PREFIX, Topics, parse_topic
+from tests.firmware.daemons import Daemon, write_codes
 from tests.firmware.readers import HASHER, write_reader_config
 from tests.shared import case_file
 
@@ -57,7 +54,6 @@ WAIT_S = 30.0  # a generous bound for anything on loopback; never an expected du
 SITE = "lab"
 DEVICE = "door-a"
 HELD = b"DOOR1:7f3a9c21e4b8"  # the code in B06.png
-QRGATE = [sys.executable, "-m", "firmware.cli"]
 
 
 @pytest.fixture(autouse=True)
@@ -497,59 +493,6 @@ def test_c16_outage_loses_nothing_and_publishes_only_on_puback(
     bo.command(DEVICE, "report_status", "after-outage")  # subscriptions were renewed
     result = bo.result("after-outage")
     assert result["ok"] and result["result"]["backlog"] == 0
-
-
-def write_codes(folder: Path, payloads: list[bytes]) -> Path:
-    folder.mkdir(parents=True)
-    for i, p in enumerate(payloads):
-        segno.make(p, error="m", boost_error=False).save(
-            str(folder / f"{i:05d}.png"), scale=4, border=4
-        )
-    return folder
-
-
-class Daemon:
-    """A ``qrgate run`` subprocess; its stderr lines are collected by a thread."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [*QRGATE, "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in io.TextIOWrapper(self.proc.stderr, errors="replace"):
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout_s: float = 60.0) -> bool:
-        rx = re.compile(pattern)
-        with self.changed:
-            return self.changed.wait_for(
-                lambda: any(rx.search(x) for x in self.lines) or self.proc.poll() is not None,
-                timeout_s,
-            ) and any(rx.search(x) for x in self.lines)
-
-    def kill(self) -> None:
-        """SIGKILL (if still running) and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.finish()
-
-    def finish(self, timeout_s: float = 30.0) -> int:
-        code = self.proc.wait(timeout_s)
-        self._reader.join(10)
-        return code
-
-    def tail(self) -> str:
-        return "".join(self.lines[-30:])
 
 
 def daemon_config(
