@@ -32,6 +32,7 @@ import random
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -363,7 +364,7 @@ def holes(runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return result
 
 
-class _SqlStore:
+class _SqlStore(ABC):
     """The SQL both databases share, written with ``?`` placeholders."""
 
     kind = "sql"
@@ -373,16 +374,17 @@ class _SqlStore:
 
     # -- what a database adds -------------------------------------------------------------
 
+    @abstractmethod
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[_Exec]:
         """A write transaction holding the locks described in the module docstring;
         ``durable`` False lets the commit return before it is on disk (for bookkeeping that
         a power cut may lose)."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        yield  # type: ignore[misc]  # abstract: each database supplies its transaction
 
+    @abstractmethod
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        raise NotImplementedError
+        """Run a read-only query; its rows."""
 
     # -- the Store protocol ----------------------------------------------------------------
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from drivers.buzzer import MAX_HZ, MIN_HZ, Beeper, Tone, pattern_seconds
@@ -35,14 +33,6 @@ class RecordingPWMPin(MockPWMPin):  # type: ignore[misc]
     def reset_history(self) -> None:
         self.frequencies.clear()
         self.clear_states()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    assert [t for t in threading.enumerate() if t not in before] == []
-    assert Device.pin_factory is None
 
 
 @pytest.fixture

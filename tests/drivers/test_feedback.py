@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
 from drivers.buzzer import Beeper, Tone
@@ -43,14 +42,6 @@ class RecordingPin(LevelKeepingMockPWMPin):
         self.frequencies.clear()
         self.writes.clear()
         self.clear_states()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    assert [t for t in threading.enumerate() if t not in before] == []
-    assert Device.pin_factory is None
 
 
 @pytest.fixture

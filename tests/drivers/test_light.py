@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from drivers.exceptions import DeviceClosedError, FeedbackError
@@ -17,14 +16,6 @@ from drivers.light import COLORS, PAIR_COLORS, RGB_COLORS, StatusLight
 R, G, B = 5, 6, 13
 EARLY_S = 0.01
 LATE_S = 1.0
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    assert [t for t in threading.enumerate() if t not in before] == []
-    assert Device.pin_factory is None
 
 
 @pytest.fixture

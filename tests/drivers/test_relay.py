@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from gpiozero import Device, DigitalOutputDevice
+from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
 from drivers.exceptions import DeviceClosedError, FeedbackError
@@ -19,14 +19,6 @@ PIN = 17
 # Scheduling on a loaded 2-core CI box can make a timer late, never early.
 LATE_S = 1.5
 EARLY_S = 0.01
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    assert [t for t in threading.enumerate() if t not in before] == []
-    assert Device.pin_factory is None
 
 
 FACTORIES: dict[str, Callable[[], Any]] = {
