@@ -95,13 +95,15 @@ class GpioConfig:
 @dataclass(frozen=True)
 class JournalConfig:
     """``path``: SQLite file (relative to ``reader.state_dir``). ``fsync_interval_ms``: group
-    fsync period: the power-cut window. ``max_rows``/``max_mb``: size cap."""
+    fsync period: the power-cut window. ``max_rows``/``max_mb``: size cap. ``max_age_days``:
+    rows older than this are deleted, sent or not (0: no age limit)."""
 
     path: Path = Path("journal.db")
     fsync_interval_ms: float = 100.0
     append_deadline_ms: float = 50.0
     max_rows: int = 1_000_000
     max_mb: float = 512.0
+    max_age_days: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,7 @@ def parse_config(
         ),
         max_rows=s.number("max_rows", JournalConfig.max_rows, 100, 100_000_000, integer=True),
         max_mb=s.number("max_mb", JournalConfig.max_mb, 1, 1_000_000),
+        max_age_days=s.number("max_age_days", JournalConfig.max_age_days, 0, 36_500),
     )
     s.done()
 

@@ -397,6 +397,8 @@ def build_reader(
             append_deadline_s=j.append_deadline_ms / 1000,
             max_rows=j.max_rows,
             max_bytes=int(j.max_mb * 1024 * 1024),
+            max_age_s=j.max_age_days * 86_400 if j.max_age_days > 0 else None,
+            trusted_wall=lambda: time.time_ns() if synced() else None,
             report=lambda code, detail: log.error("journal: %s %s", code, detail),
         )
         cam = source if source is not None else make_source(config)

@@ -14,6 +14,7 @@ does at the end of every sweep).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 
 from firmware.exceptions import JournalError
 from firmware.journal.events import StoredEvent
-from firmware.journal.store import SELECT_EVENTS, row_to_stored
+from firmware.journal.store import SELECT_EVENTS, read_rows
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 1.0
 
@@ -140,10 +143,15 @@ class OutboxReader:
             raise JournalError(f"cannot read the outbox of {self.path}: {e}") from e
 
     def _stored(self, rows: list[Any]) -> list[StoredEvent]:
-        try:
-            return [row_to_stored(r) for r in rows]
-        except (ValueError, TypeError) as e:
-            raise JournalError(f"journal {self.path} holds an unreadable row: {e}") from e
+        events, salvaged = read_rows(rows)
+        if salvaged:
+            # sent as "row_unreadable" incidents in their seqs' places: the outbox goes on
+            log.error(
+                "journal %s: %d unreadable row(s) among seq %d..%d; sending them as "
+                "row_unreadable incidents",
+                self.path, salvaged, events[0].seq, events[-1].seq,
+            )  # fmt: skip
+        return events
 
 
 def _gap(row: Any) -> GapRecord:

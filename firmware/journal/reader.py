@@ -14,7 +14,7 @@ from typing import Any
 
 from firmware.exceptions import JournalDamagedError, JournalError
 from firmware.journal.events import StoredEvent
-from firmware.journal.store import SELECT_EVENTS, errcode, row_to_stored
+from firmware.journal.store import SELECT_EVENTS, errcode, read_rows
 
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
@@ -42,10 +42,7 @@ class JournalReader:
                 f"SELECT * FROM ({SELECT_EVENTS} ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                 (n,),
             )
-        try:
-            return [row_to_stored(r) for r in rows]
-        except (ValueError, TypeError) as e:
-            raise JournalDamagedError(f"journal {self.path} holds an unreadable row: {e}") from e
+        return read_rows(rows)[0]  # an unreadable row shows as a row_unreadable incident
 
     def stats(self) -> dict[str, Any]:
         """Counts for people and the CLI (JSON-ready).

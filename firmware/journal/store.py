@@ -71,6 +71,10 @@ SYNC_COALESCE_S = 0.005
 SYNC_MIN_GAP_S = 0.02
 # ... and the longest the writer leaves such appends unchecked when no more come.
 HOUSEKEEPING_IDLE_S = 1.0
+# How often the writer looks for rows past the age limit, seconds, and how many pages of
+# DROP_CHUNK rows it looks at per look (so one look never holds the mutex for long).
+AGE_CHECK_S = 60.0
+AGE_PAGES = 8
 # An append that finds this many appends the size cap has not seen yet (the writer starved of
 # CPU, or appends at full speed) goes through the writer, whose transaction applies the cap
 # with the insert: the cap then never lags more rows than this, whatever the scheduling.
@@ -234,6 +238,60 @@ def row_to_stored(row: Sequence[Any]) -> StoredEvent:
     )
 
 
+def salvage_row(row: Sequence[Any], error: str) -> StoredEvent:
+    """A row :func:`row_to_stored` cannot read, as an "incident" event with reason
+    ``row_unreadable`` that keeps the row's seq, event id, wall time and outbox flags, and
+    ``error`` in its detail.
+
+    Why not skip it: the uplink sends rows in seq order and the back office acknowledges the
+    highest contiguous seq, so a row that can never be read would stall the outbox forever
+    (or leave a hole nobody explains). Sent in its place, the back office stores what is
+    known and sees why the rest is missing."""
+    values = dict(zip(EVENT_COLUMNS, row, strict=True))
+
+    def as_int(name: str) -> int:
+        try:
+            return int(values[name])
+        except (TypeError, ValueError):
+            return 0
+
+    seq = as_int("seq")
+    event_id = values["event_id"]
+    if not isinstance(event_id, str) or not event_id:
+        event_id = f"unreadable-seq-{seq}"
+    return StoredEvent(
+        seq=seq,
+        event_id=event_id,
+        boot_id=str(values["boot_id"]),
+        event=NewEvent(
+            kind="incident",
+            wall_ns=as_int("wall_ns"),
+            clock_synced=bool(as_int("clock_synced")),
+            mono_ns=as_int("mono_ns"),
+            door=str(values["door"]),
+            direction=str(values["direction"]),
+            reason="row_unreadable",
+            detail={"error": error, "kind": str(values["kind"])},
+        ),
+        published=bool(as_int("published")),
+        acked=bool(as_int("acked")),
+    )
+
+
+def read_rows(rows: Sequence[Sequence[Any]]) -> tuple[list[StoredEvent], int]:
+    """``rows`` (SELECT_EVENTS order) as StoredEvents, unreadable ones salvaged (see
+    :func:`salvage_row`); also how many were salvaged."""
+    out: list[StoredEvent] = []
+    salvaged = 0
+    for r in rows:
+        try:
+            out.append(row_to_stored(r))
+        except (ValueError, TypeError) as e:
+            out.append(salvage_row(r, f"{type(e).__name__}: {e}"))
+            salvaged += 1
+    return out, salvaged
+
+
 def errcode(e: BaseException) -> int:
     """The primary SQLite result code of ``e`` (0 when it carries none)."""
     return int(getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
@@ -245,8 +303,9 @@ class JournalStats:
 
     ``appended``: append calls. ``committed``: rows inserted (spilled events moved in count
     once). ``transactions``: write transactions committed (group commit: one may carry many
-    appends). ``spilled``/``lost``: appends answered so. ``dropped_by_cap`` / ``dropped_disk_full``:
-    rows deleted by the size cap / to make room on a full disk. ``fsyncs``: group fsyncs done.
+    appends). ``spilled``/``lost``: appends answered so. ``dropped_by_cap`` /
+    ``dropped_disk_full`` / ``dropped_by_age``: rows deleted by the size cap / to make room on
+    a full disk / past the age limit. ``fsyncs``: group fsyncs done.
     ``last_fsync_age_ms``: since the last one (None before the first). ``fsync_max_ms``: the
     slowest one. ``rows``: rows in the database now. ``pending``: events not yet committed.
     """
@@ -258,6 +317,7 @@ class JournalStats:
     lost: int
     dropped_by_cap: int
     dropped_disk_full: int
+    dropped_by_age: int
     fsyncs: int
     last_fsync_age_ms: float | None
     fsync_max_ms: float
@@ -324,6 +384,8 @@ class _Tx:
     deleted_full: int = 0
     deferred: list[_Timing] = field(default_factory=list)
     drops: list[dict[str, Any]] = field(default_factory=list)
+    deleted_age: int = 0
+    age_last: int | None = None  # _drop_old: the last seq looked at, None: past the limit
 
 
 @dataclass(slots=True)
@@ -435,11 +497,12 @@ class Journal:
     writer; :meth:`flush` waits for it. So the used pages may pass ``max_bytes`` by what at
     most 32 rows hold. Rows go in this order: first rows the backend acknowledged (acked=1),
     then rows sent but not acknowledged (published=1), then unsent rows, going 10 % below the
-    limit (at most ``DROP_CHUNK`` rows) so the cap runs rarely. Each dropped run of seqs is a
-    ``gaps`` row (from_seq, to_seq, count, reason "cap_rows"/"cap_bytes"/"disk_full",
-    wall_ns) for the uplink to send; dropping unacknowledged rows is reported as
-    ``journal_dropped``. On SQLITE_FULL (disk or page limit; an append that meets it in its
-    own commit hands the event to the writer) the writer drops 10 % of the oldest rows (at
+    limit (at most ``DROP_CHUNK`` rows) so the cap runs rarely. Each dropped run of
+    unacknowledged seqs is a ``gaps`` row (from_seq, to_seq, count, reason
+    "cap_rows"/"cap_bytes"/"disk_full"/"max_age", wall_ns) for the uplink to send (rows the
+    back office acknowledged need none: it holds them); dropping unacknowledged rows is
+    reported as ``journal_dropped``. On SQLITE_FULL (disk or page limit; an append that meets
+    it in its own commit hands the event to the writer) the writer drops 10 % of the oldest rows (at
     most ``DROP_CHUNK``) by the same order, reason "disk_full", and retries once; it drops
     only when the file has no free page left (else dropping would not help) and never for an
     event that already failed with SQLITE_FULL (likely too big to ever fit: one such event
@@ -449,12 +512,21 @@ class Journal:
     room); when that write fails too, append returns "lost" (counted, reported). ``append``
     never raises for a full, locked or failing disk.
 
+    Age limit. With ``max_age_s``, the writer looks every ``AGE_CHECK_S`` (60 s, and once
+    right after open) for rows older than that and deletes them, oldest first, acknowledged
+    or not (a gap record for the unacknowledged ones, reason "max_age"): personal data is not
+    kept longer than the site's retention period. Only rows stamped by a synced clock, and
+    only while ``trusted_wall()`` returns a time (None: the clock is not trusted now, skip the
+    look): a wrong clock must never empty the journal.
+
     Damage. ``open()`` runs ``PRAGMA quick_check``; a file that fails it or cannot be read as
     a database (zeroed page, truncated, garbage, "file is not a database"), or holds another
     schema or a newer schema version, is moved aside with its ``-wal``/``-shm`` to
     ``<name>.damaged-<UTC YYYYmmddTHHMMSSZ>``, a fresh journal is created, the spill log is
-    replayed into it, an incident event (kind "incident", reason "journal_damaged") is appended
-    and ``report("journal_damaged", ...)`` is called. quick_check reads the whole file: 1.6 s
+    replayed into it, a gap record (1..the last seq before the new start, count 0 for
+    unknown, reason "journal_damaged"; "journal_missing" for a deleted file) is written, an
+    incident event (kind "incident", reason "journal_damaged") is appended and
+    ``report("journal_damaged", ...)`` is called. quick_check reads the whole file: 1.6 s
     for 100 MB from a cold cache here (0.1 s warm); on a Pi with an SD card a full 512 MiB
     journal may take tens of seconds. Damage that appears while running is not repaired in
     place: writes fail over to the spill log and ``journal_error`` is reported; the next start
@@ -474,6 +546,8 @@ class Journal:
         append_deadline_s: float = 0.05,
         max_rows: int = 1_000_000,
         max_bytes: int = 512 * MIB,
+        max_age_s: float | None = None,
+        trusted_wall: Callable[[], int | None] | None = None,
         report: Report | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         on_connect: Callable[[sqlite3.Connection], None] | None = None,
@@ -482,6 +556,8 @@ class Journal:
             raise ValueError("fsync_interval_s and append_deadline_s must be > 0")
         if max_rows < 1 or max_bytes < 64 * 1024:
             raise ValueError("max_rows must be >= 1 and max_bytes >= 64 KiB")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError("max_age_s must be > 0 (or None: no age limit)")
         self.path = Path(path)
         self.spill_path = self.path.with_name(self.path.name + ".spill")
         self.hwm_path = self.path.with_name(self.path.name + ".seq")
@@ -490,6 +566,10 @@ class Journal:
         self._deadline = append_deadline_s
         self._max_rows = max_rows
         self._max_bytes = max_bytes
+        self._max_age_ns = None if max_age_s is None else int(max_age_s * 1e9)
+        self._trusted_wall = trusted_wall
+        self._age_at = 0.0  # monotonic time of the next age look
+        self._dropped_age = 0
         self._report = report
         self._wall = wall_clock
         self._on_connect = on_connect
@@ -985,6 +1065,7 @@ class Journal:
                 lost=self._lost,
                 dropped_by_cap=self._dropped_cap,
                 dropped_disk_full=self._dropped_full,
+                dropped_by_age=self._dropped_age,
                 fsyncs=self._fsyncs,
                 last_fsync_age_ms=age,
                 fsync_max_ms=self._fsync_max_ms,
@@ -1074,6 +1155,15 @@ class Journal:
             if incident is not None:
                 base = max(max(readable_max, hwm or 0, int(db_max)) + HWM_MARGIN, spill.max_seq)
                 incident[1]["next_seq"] = base + 1
+                # What the lost file held is gone with it, and which of its seqs the back
+                # office stored is not known here: one gap record over every seq up to the new
+                # start (count 0: unknown) lets the back office's contiguous ack move on; the
+                # seqs it holds stay stored, the others show as lost to this incident.
+                conn.execute(
+                    "INSERT INTO gaps (from_seq, to_seq, count, reason, wall_ns) "
+                    "VALUES (1, ?, 0, ?, ?)",
+                    (base, incident[0], self._wall()),
+                )
             self._next_seq = base + 1
             self._rows = int(rows)
             if incident is not None:
@@ -1265,13 +1355,21 @@ class Journal:
                         or closing_deadline is not None
                         or now >= kept_at + HOUSEKEEPING_IDLE_S
                     )
-                    if ready and (has_work or keep_due):
+                    age_due = (
+                        self._max_age_ns is not None
+                        and closing_deadline is None
+                        and now >= self._age_at
+                    )
+                    if ready and (has_work or keep_due or age_due):
                         break
                     timeout: float | None = None
                     if not ready:
                         timeout = retry_at - now
                     elif unkept:
                         timeout = kept_at + HOUSEKEEPING_IDLE_S - now
+                    if self._max_age_ns is not None and ready:
+                        left = max(0.0, self._age_at - now)
+                        timeout = left if timeout is None else min(timeout, left)
                     if closing_deadline is not None:
                         left = closing_deadline - now
                         timeout = left if timeout is None else min(timeout, left)
@@ -1309,6 +1407,9 @@ class Journal:
                 and (out.capped or self._cap_bytes(conn, out))
             ):
                 self._kept_total = fast_total
+            if out.ok and self._max_age_ns is not None and time.monotonic() >= self._age_at:
+                self._age_at = time.monotonic() + AGE_CHECK_S
+                self._enforce_age(conn, out)
             self._apply(out)
         for op in ops:
             if isinstance(op, _ReadUnpublished):
@@ -1536,6 +1637,7 @@ class Journal:
         out: _Outcome,
         *,
         drop: tuple[int, str] | None = None,
+        drop_old: tuple[int, int] | None = None,
     ) -> _Tx:
         """One write transaction: optional drop, inserts, outbox/timing updates, size cap.
         Raises sqlite3.Error (the caller rolls back); counters move only on commit."""
@@ -1543,6 +1645,8 @@ class Journal:
         conn.execute("BEGIN IMMEDIATE")
         if drop is not None:
             self._drop_oldest(conn, drop[0], drop[1], tx)
+        if drop_old is not None:
+            tx.age_last = self._drop_old(conn, drop_old[0], drop_old[1], tx)
         if items:
             tx.inserted = conn.executemany(_INSERT, [it.params for it in items]).rowcount
         for op in write_ops:
@@ -1565,7 +1669,8 @@ class Journal:
         capped = drop is None and self._enforce_cap(conn, tx)
         conn.execute("COMMIT")
         out.capped = capped
-        self._rows += tx.inserted - tx.deleted_cap - tx.deleted_full
+        self._rows += tx.inserted - tx.deleted_cap - tx.deleted_full - tx.deleted_age
+        self._dropped_age += tx.deleted_age
         self._committed += tx.inserted
         self._dropped_cap += tx.deleted_cap
         self._dropped_full += tx.deleted_full
@@ -1602,10 +1707,10 @@ class Journal:
         return False
 
     def _drop_oldest(self, conn: sqlite3.Connection, n: int, reason: str, tx: _Tx) -> None:
-        """Delete the ``n`` oldest rows, acked first, then published, then unsent; record
-        each dropped run of seqs in ``gaps``."""
+        """Delete the ``n`` oldest rows, acked first, then published, then unsent (see
+        :meth:`_drop`)."""
         victims: list[int] = []
-        unacked = 0
+        unacked: list[int] = []
         for acked, published in ((1, 1), (0, 1), (0, 0)):
             need = n - len(victims)
             if need <= 0:
@@ -1619,7 +1724,7 @@ class Journal:
             ]
             victims += got
             if not acked:
-                unacked += len(got)
+                unacked += got
         if len(victims) < n:
             # rows outside the three states (acked but never published: not made by this
             # code) go last
@@ -1632,21 +1737,86 @@ class Journal:
                 if r[0] not in chosen
             ]
             victims += extra[: n - len(victims)]
+        self._drop(conn, victims, unacked, reason, tx)
+
+    def _drop(
+        self,
+        conn: sqlite3.Connection,
+        victims: list[int],
+        unacked: list[int],
+        reason: str,
+        tx: _Tx,
+    ) -> None:
+        """Delete rows ``victims`` in ``tx``; record each run of the ``unacked`` ones (a
+        subset: rows the back office has not acknowledged) in ``gaps``. Rows the back office
+        acknowledged need no gap record: it holds them."""
         if not victims:
             return
-        victims.sort()
-        conn.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in victims])
+        conn.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in sorted(victims)])
+        runs = self._runs(conn, sorted(unacked)) if unacked else []
         wall = self._wall()
-        runs = self._runs(conn, victims)
         conn.executemany(
             "INSERT INTO gaps (from_seq, to_seq, count, reason, wall_ns) VALUES (?, ?, ?, ?, ?)",
             [(first, last, count, reason, wall) for first, last, count in runs],
         )
-        tx.drops.append({"reason": reason, "count": len(victims), "unacked": unacked, "runs": runs})
+        tx.drops.append(
+            {"reason": reason, "count": len(victims), "unacked": len(unacked), "runs": runs}
+        )
         if reason == "disk_full":
             tx.deleted_full += len(victims)
+        elif reason == "max_age":
+            tx.deleted_age += len(victims)
         else:
             tx.deleted_cap += len(victims)
+
+    def _enforce_age(self, conn: sqlite3.Connection, out: _Outcome) -> None:
+        """Delete rows older than the age limit, oldest first, at most AGE_PAGES pages of
+        DROP_CHUNK rows per call (the next look goes on). Only rows stamped by a synced clock
+        count, and only while the clock is trusted now: a Pi without a real-time clock boots
+        in the past and may jump years ahead, and an age limit must never empty the journal
+        because of that. Unacknowledged rows that go leave a gap record (reason "max_age").
+        A failed transaction is rolled back and left to the next look."""
+        wall = self._trusted_wall() if self._trusted_wall is not None else self._wall()
+        if wall is None or self._max_age_ns is None:
+            return
+        cutoff = wall - self._max_age_ns
+        after = 0
+        for _ in range(AGE_PAGES):
+            try:
+                tx = self._txn(conn, [], [], out, drop_old=(after, cutoff))
+            except sqlite3.Error as e:
+                self._rollback(conn)
+                log.debug("age limit deferred: %s", e)
+                return
+            if tx.age_last is None:
+                return
+            after = tx.age_last
+
+    def _drop_old(
+        self, conn: sqlite3.Connection, after: int, cutoff_ns: int, tx: _Tx
+    ) -> int | None:
+        """Delete the rows of the page of DROP_CHUNK rows after seq ``after`` stamped by a
+        synced clock before ``cutoff_ns``; the page's last seq, or None when the page reached
+        a young row (or the end): nothing past it is old enough."""
+        page = conn.execute(
+            "SELECT seq, wall_ns, clock_synced, acked FROM events WHERE seq > ? ORDER BY seq "
+            "LIMIT ?",
+            (after, DROP_CHUNK),
+        ).fetchall()
+        victims: list[int] = []
+        unacked: list[int] = []
+        young = len(page) < DROP_CHUNK
+        for seq, wall_ns, synced, acked in page:
+            if not synced:
+                continue  # no trustworthy age: the size cap takes it in its turn
+            if wall_ns >= cutoff_ns:
+                young = True  # seq order is time order for synced rows, near enough
+                break
+            victims.append(seq)
+            if not acked:
+                unacked.append(seq)
+        self._drop(conn, victims, unacked, "max_age", tx)
+        return None if young or not page else int(page[-1][0])
 
     @staticmethod
     def _runs(conn: sqlite3.Connection, victims: list[int]) -> list[tuple[int, int, int]]:
@@ -1674,8 +1844,8 @@ class Journal:
                 f"{SELECT_EVENTS} WHERE acked = 0 AND published = 0 ORDER BY seq LIMIT ?",
                 (op.limit,),
             ).fetchall()
-            op.result = [row_to_stored(r) for r in rows]
-        except (sqlite3.Error, ValueError) as e:
+            op.result = read_rows(rows)[0]
+        except sqlite3.Error as e:
             op.error = str(e)
         op.done.set()
 

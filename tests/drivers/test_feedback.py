@@ -16,6 +16,7 @@ from drivers.feedback import DENY_BLINK, FAULT_TONES, OFFLINE_BLINK, Feedback
 from drivers.light import StatusLight
 from drivers.pins import LevelKeepingMockPWMPin
 from drivers.relay import DoorRelay
+from tests.polling import wait_until
 
 RELAY, BUZZER, R, G, B = 17, 18, 5, 6, 13
 EARLY_S = 0.01
@@ -87,16 +88,6 @@ def durations(pin: Any, on: Callable[[float], bool] = lambda s: s > 0) -> list[f
     if run is not None and not on(states[-1].state):
         out.append(run)
     return out
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    # For mock pin levels driven by gpiozero's blink threads, which report no event.
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_ready_is_steady_blue(factory: Any) -> None:
@@ -191,7 +182,7 @@ def test_offline_is_a_slow_red_blink_and_returns_after_a_verdict(factory: Any) -
     with fb:
         red = factory.pin(R)
         fb.offline()
-        assert wait_for(lambda: len(red.states) >= 4)  # on, off, on again
+        assert wait_until(lambda: len(red.states) >= 4)  # on, off, on again
         on_s, off_s = OFFLINE_BLINK
         states = red.states
         assert [s.state for s in states[:4]] == [0, 1, 0, 1]
@@ -202,7 +193,7 @@ def test_offline_is_a_slow_red_blink_and_returns_after_a_verdict(factory: Any) -
         assert light.color == "red"
         red.reset_history()
         # Blinking again: red changes without any further call.
-        assert wait_for(lambda: len(red.states) >= 3)
+        assert wait_until(lambda: len(red.states) >= 3)
 
 
 def test_fault_is_red_amber_with_one_long_low_tone(factory: Any) -> None:
@@ -212,13 +203,13 @@ def test_fault_is_red_amber_with_one_long_low_tone(factory: Any) -> None:
         buzzer.reset_history()
         fb.fault()
         # Amber = red + half green on a PWM RGB LED: green alternates 0 / 0.5 under steady red.
-        assert wait_for(lambda: len([s for s in green.states if s.state == 0.5]) >= 2)
+        assert wait_until(lambda: len([s for s in green.states if s.state == 0.5]) >= 2)
         assert red.state == 1.0
         assert factory.pin(B).state == 0.0
         fb.granted()
         assert fb.wait_settled(10)
         assert light.color == "red"
-        assert wait_for(lambda: len(tones(buzzer)) >= 4)
+        assert wait_until(lambda: len(tones(buzzer)) >= 4)
         fb.fault()  # already in fault: no second long tone
         assert fb.wait_settled(10)
         played = [f for f in tones(buzzer) if f is not None]
@@ -249,7 +240,7 @@ def test_c13b_stop_mid_pulse_with_blink_and_beep_running(
     fb.granted(30.0)
     fb.denied()
     # Everything is running in the background now.
-    assert wait_for(lambda: red.state == 1.0 and buzzer.frequency == 400.0)
+    assert wait_until(lambda: red.state == 1.0 and buzzer.frequency == 400.0)
     assert relay_pin.state == (1 if relay_active_high else 0)
     assert beeper.is_playing
     fb.close()

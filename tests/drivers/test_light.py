@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from drivers.exceptions import DeviceClosedError, FeedbackError
 from drivers.light import COLORS, PAIR_COLORS, RGB_COLORS, StatusLight
+from tests.polling import wait_until
 
 R, G, B = 5, 6, 13
 EARLY_S = 0.01
@@ -34,16 +34,6 @@ def plain_factory() -> Iterator[Any]:
 
 def pins(factory: Any, *numbers: int) -> tuple[float, ...]:
     return tuple(float(factory.pin(n).state) for n in numbers)
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    # gpiozero's blink thread reports nothing; poll the mock pins briefly.
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def on_durations(pin: Any) -> list[float]:
@@ -96,7 +86,7 @@ def test_rgb_blink_n_times_in_background_then_off(pwm_factory: Any) -> None:
         red = pwm_factory.pin(R)
         red.clear_states()
         light.blink("red", 0.1, 0.1, n=3)
-        assert wait_for(lambda: len(red.states) >= 7)
+        assert wait_until(lambda: len(red.states) >= 7)
         assert [s.state for s in red.states] == [0, 1, 0, 1, 0, 1, 0]
         assert all(0.1 - EARLY_S <= d <= 0.1 + LATE_S for d in on_durations(red))
         assert pins(pwm_factory, G, B) == (0.0, 0.0)
@@ -107,7 +97,7 @@ def test_pair_blink_red_amber_keeps_both_leds_in_step(plain_factory: Any) -> Non
         red, green = plain_factory.pin(R), plain_factory.pin(G)
         green.clear_states()
         light.blink("red", 0.05, 0.05, n=2, off_color="amber")
-        assert wait_for(lambda: len(green.states) >= 4)
+        assert wait_until(lambda: len(green.states) >= 4)
         # Red is on throughout; green adds amber in the off phase.
         assert red.state
         assert [s.state for s in green.states] == [False, True, False, True]
@@ -132,7 +122,7 @@ def test_show_stops_a_running_blink(plain_factory: Any) -> None:
 def test_close_mid_blink_turns_off_and_joins(plain_factory: Any, blue: int | None) -> None:
     light = StatusLight(R, G, blue, pin_factory=plain_factory)
     light.blink("white", 0.02, 0.02)
-    assert wait_for(lambda: plain_factory.pin(R).state)
+    assert wait_until(lambda: plain_factory.pin(R).state)
     light.close()
     assert pins(plain_factory, R, G) == (0.0, 0.0)
     assert light.color == "off"

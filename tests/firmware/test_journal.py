@@ -22,6 +22,7 @@ from firmware.journal.ids import Uuid7Generator, boot_id, uuid7
 from firmware.journal.reader import JournalReader
 from firmware.journal.spill import SpillLog, read_spill
 from firmware.journal.store import EVENT_FIELDS, Journal
+from tests.polling import wait_until
 
 BOOT = "6f1c1f2e-3c1a-4b7e-9a55-0d2f0c8e1a11"
 
@@ -80,17 +81,6 @@ def db_rows(path: Path, sql: str = "SELECT seq, event_id FROM events ORDER BY se
 
 def journal_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("qrgate-journal")]
-
-
-def wait_until(predicate: Any, timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` every few ms until it holds or ``timeout_s`` passes."""
-    end = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        pause.wait(0.005)
-    return True
 
 
 @pytest.fixture(autouse=True)

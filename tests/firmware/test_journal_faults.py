@@ -227,6 +227,9 @@ def test_c20b_damaged_file_is_moved_aside_and_a_fresh_journal_continues(
     ]
     assert str(moved) in rows[0][3]
     assert detail["incident_seq"] == scan.seq - 1
+    # one gap record over every seq below the new start: the back office's contiguous ack
+    # can move past what the damaged file took with it
+    assert gaps(path) == [(1, scan.seq - 2, 0, "journal_damaged")]
     assert integrity(path) == "ok"
 
 
@@ -254,6 +257,7 @@ def test_a_deleted_journal_with_a_seq_sidecar_is_an_incident(tmp_path: Path) -> 
         scan = j.append(make_event(1))
     assert [c for c, _ in reports] == ["journal_missing"]
     assert scan.seq == 20 + HWM_MARGIN + 2
+    assert gaps(path) == [(1, 20 + HWM_MARGIN, 0, "journal_missing")]
 
 
 # --- C19: the database is locked by another process ---------------------------------------------
@@ -337,7 +341,9 @@ def gaps(path: Path) -> list[tuple[int, int, int, str]]:
     return db_rows(path, "SELECT from_seq, to_seq, count, reason FROM gaps ORDER BY id")
 
 
-def test_row_cap_drops_acked_then_published_then_unsent_and_records_gaps(tmp_path: Path) -> None:
+def test_row_cap_drops_acked_then_published_then_unsent_and_records_unacked_gaps(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "j.db"
     reports, report = collector()
     with journal(path, max_rows=100, report=report) as j:
@@ -348,13 +354,14 @@ def test_row_cap_drops_acked_then_published_then_unsent_and_records_gaps(tmp_pat
         assert j.flush()
         j.append(make_event(100))  # row 101: drop 11, down to 90
         assert j.flush()
-        assert gaps(path) == [(1, 5, 5, "cap_rows"), (51, 56, 6, "cap_rows")]
+        # acked rows 1-5 went first, without a gap record: the back office holds them
+        assert gaps(path) == [(51, 56, 6, "cap_rows")]
         for i in range(101, 112):  # rows back to 101: the rest of the sent ones go
             j.append(make_event(i))
-        assert gaps(path)[2:] == [(57, 67, 11, "cap_rows")]
+        assert gaps(path)[1:] == [(57, 67, 11, "cap_rows")]
         for i in range(112, 123):  # then the oldest unsent ones
             j.append(make_event(i))
-        assert gaps(path)[3:] == [(6, 13, 8, "cap_rows"), (68, 70, 3, "cap_rows")]
+        assert gaps(path)[2:] == [(6, 13, 8, "cap_rows"), (68, 70, 3, "cap_rows")]
         for i in range(123, 250):
             j.append(make_event(i))
             assert j.stats.rows <= 100
@@ -364,14 +371,14 @@ def test_row_cap_drops_acked_then_published_then_unsent_and_records_gaps(tmp_pat
     assert len(seqs) == stats.rows <= 100
     assert seqs == list(range(251 - len(seqs), 251))  # the newest survive
     dropped = {s for a, b, _, _ in gaps(path) for s in range(a, b + 1)}
-    assert dropped == set(range(1, 251)) - set(seqs)
-    assert sum(g[2] for g in gaps(path)) == stats.dropped_by_cap == 250 - len(seqs)
+    assert dropped == set(range(6, 251)) - set(seqs)  # 1-5 were acked
+    assert sum(g[2] for g in gaps(path)) + 5 == stats.dropped_by_cap == 250 - len(seqs)
     dropped_reports = [r for c, r in reports if c == "journal_dropped"]
     assert dropped_reports[0] == {
         "reason": "cap_rows",
         "count": 11,
         "unacked": 6,
-        "runs": [(1, 5, 5), (51, 56, 6)],
+        "runs": [(51, 56, 6)],
     }
     # every drop of rows the backend did not have yet is reported: all but the 5 acked ones
     assert sum(r["unacked"] for r in dropped_reports) == stats.dropped_by_cap - 5
