@@ -100,11 +100,13 @@ def config_group() -> None:
 def config_check(file: Path) -> None:
     """Validate FILE (and the badge list and key it names); exit 0 if it is usable."""
     from firmware.config import load_config
-    from firmware.daemon import make_policy
+    from firmware.daemon import link_settings, make_policy
 
     try:
         config = load_config(file)
         _, badges = make_policy(config)
+        if config.uplink.enabled:
+            link_settings(config, "config-check")  # TLS files and the password file
     except QrgateError as e:
         click.echo(f"invalid: {e}", err=True)
         sys.exit(2)

@@ -270,6 +270,31 @@ def _secret(config: Config, key: str, path: Path) -> str:
         ) from None
 
 
+def _check_tls(config: Config, u: UplinkConfig) -> None:
+    """Load the TLS files as the link will, so a wrong file is a ConfigError at start (and in
+    ``qrgate config check``), not a failure on every reconnect."""
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context()
+        if u.ca is not None:
+            ctx.load_verify_locations(cafile=str(u.ca))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(
+            config.source, "uplink.ca", "a PEM CA certificate file", f"{e} ({u.ca})"
+        ) from None
+    if u.cert is not None and u.key is not None:
+        try:
+            ctx.load_cert_chain(certfile=str(u.cert), keyfile=str(u.key))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise ConfigError(
+                config.source,
+                "uplink.cert",
+                "a PEM client certificate with its key in uplink.key",
+                f"{e} ({u.cert}, {u.key})",
+            ) from None
+
+
 def link_settings(config: Config, device: str) -> LinkSettings:
     """The broker settings from ``[uplink]`` for the reader named ``device``. Raises
     ConfigError when a TLS file is missing or the password file is unreadable."""
@@ -278,6 +303,8 @@ def link_settings(config: Config, device: str) -> LinkSettings:
         f: Path | None = getattr(u, key)
         if f is not None and not f.is_file():
             raise ConfigError(config.source, f"uplink.{key}", "an existing file", f"nothing at {f}")
+    if u.transport == "tls":
+        _check_tls(config, u)
     password = _secret(config, "uplink.password_file", u.password_file) if u.password_file else None
     return LinkSettings(
         host=u.host,

@@ -125,3 +125,24 @@ def test_config_check_cli(tmp_path: Path) -> None:
     bad = write(tmp_path, GOOD.replace("fps = 15", "fps = -1"))
     r = CliRunner().invoke(main, ["config", "check", str(bad)])
     assert r.exit_code == 2 and "camera.fps" in r.output
+
+
+def test_config_check_loads_the_uplink_tls_files(tmp_path: Path) -> None:
+    from firmware.demo.broker import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    assert pki.client_cert is not None and pki.client_key is not None
+    uplink = (
+        '\n[uplink]\nenabled = true\nhost = "broker.example"\ntransport = "tls"\n'
+        f'ca = "{pki.ca_cert}"\ncert = "{pki.client_cert}"\nkey = "{pki.client_key}"\n'
+    )
+    good = write(tmp_path, GOOD + uplink)
+    r = CliRunner().invoke(main, ["config", "check", str(good)])
+    assert r.exit_code == 0, r.output
+    # a key that does not belong to the certificate, and a CA file that is no certificate
+    swapped = write(tmp_path, GOOD + uplink.replace(str(pki.client_key), str(pki.server_key)))
+    r = CliRunner().invoke(main, ["config", "check", str(swapped)])
+    assert r.exit_code == 2 and "uplink.cert" in r.output
+    not_ca = write(tmp_path, GOOD + uplink.replace(str(pki.ca_cert), str(pki.server_key)))
+    r = CliRunner().invoke(main, ["config", "check", str(not_ca)])
+    assert r.exit_code == 2 and "uplink.ca" in r.output
