@@ -49,8 +49,13 @@ Delivery contract: a reader publishes unsent journal rows in seq order, at most 
 unacknowledged QoS 1 publishes at a time; a row is marked published on its PUBACK and is
 forgotten only after ``events/ack`` covers it. Delivery is at least once: the back office
 stores events idempotently by (device, event_id) and acknowledges the highest contiguous seq.
-A gap record stands for seqs the reader had to drop (size cap, full disk) before they were
-acknowledged, so contiguity can continue past them.
+A gap record stands for seqs the reader dropped before they were acknowledged, so contiguity
+can continue past them: ``reason`` "cap_rows"/"cap_bytes" (the journal's size cap),
+"disk_full", "max_age" (the retention period), with ``count`` the rows dropped; or
+"journal_damaged"/"journal_missing" (the journal file was lost; seq restarts 10,000 above the
+last known), from seq 1 to the seq before the new start, ``count`` 0 (unknown: the back office
+keeps what it stored and counts the rest as lost). A row the reader can no longer read is sent
+in its place as an incident event with reason ``row_unreadable``, same seq and event id.
 
 Additions (version 1 still; readers of the table above need not know them):
 
