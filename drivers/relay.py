@@ -125,8 +125,13 @@ class DoorRelay:
 
     @property
     def pulse_s(self) -> float:
-        """Default unlock time in seconds."""
+        """Default unlock time in seconds; settable while running (raises ValueError unless
+        a finite number > 0); a pulse already running keeps its length."""
         return self._pulse_s
+
+    @pulse_s.setter
+    def pulse_s(self, seconds: float) -> None:
+        self._pulse_s = _check_seconds(seconds)
 
     @property
     def unlock_energises(self) -> bool:

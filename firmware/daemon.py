@@ -9,6 +9,7 @@ locked first, then threads, the uplink (offline status, DISCONNECT), camera, jou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -39,6 +40,7 @@ from firmware.policy.policy import Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.subjects import SubjectHasher, load_key
 from firmware.uplink.commands import reload_badges_handler, unlock_handler
+from firmware.uplink.desired import Desired, DesiredConfig, load_desired, overlay
 from firmware.uplink.identity import client_id
 from firmware.uplink.identity import device_id as read_device_id
 from firmware.uplink.link import LinkSettings
@@ -336,11 +338,12 @@ def make_uplink(
     state: ReaderState,
     metrics: PipelineMetrics,
     frames: FrameQueue,
+    desired: DesiredConfig | None = None,
 ) -> Uplink:
     """The MQTT uplink of ``[uplink]``: events from ``journal``, status from ``state``,
     telemetry from ``metrics``/``frames``, commands ``unlock`` (through ``feedback``),
-    ``reload_config`` (the badge list into ``policy``) and ``report_status``. Raises
-    ConfigError (see :func:`link_settings`)."""
+    ``reload_config`` (the badge list into ``policy``) and ``report_status``; ``desired``
+    takes the retained ``config/desired``. Raises ConfigError (see :func:`link_settings`)."""
     u = config.uplink
     r = config.reader
     return Uplink(
@@ -372,6 +375,7 @@ def make_uplink(
             resend_after_s=u.resend_after_s,
         ),
         gap_state=config.journal_path.with_name(config.journal_path.name + ".gaps-sent"),
+        desired=desired.offer if desired is not None else None,
     )
 
 
@@ -402,6 +406,10 @@ def build_reader(
     lock.acquire()
     feedback = None
     try:
+        # the back office's desired settings, kept from an earlier run, win over the file
+        desired = load_desired(state)
+        if desired is not None:
+            config = overlay(config, desired)
         factory = (
             pin_factory
             if pin_factory is not None
@@ -430,7 +438,20 @@ def build_reader(
         )
         cam = source if source is not None else make_source(config)
         reader_state = ReaderState(door=config.reader.door, clock_synced=synced)
-        uplink = None
+        seen = RepeatWindow(int(config.policy.repeat_window_s * 1e9))
+        uplink: Uplink | None = None
+
+        def apply_desired(d: Desired) -> None:
+            # each is one attribute its reader thread loads per use: no lock, no half state
+            live = overlay(config, d)
+            seen.window_ns = int(live.policy.repeat_window_s * 1e9)
+            if feedback is not None and feedback.relay is not None:
+                feedback.relay.pulse_s = live.gpio.pulse_s
+            if uplink is not None:
+                uplink.options = dataclasses.replace(
+                    uplink.options, telemetry_s=live.uplink.telemetry_s
+                )
+
         if config.uplink.enabled:
             try:
                 device = device_id if device_id is not None else read_device_id()
@@ -447,13 +468,16 @@ def build_reader(
                     state=reader_state,
                     metrics=metrics,
                     frames=frames,
+                    desired=DesiredConfig(
+                        state, apply_desired, reader_state.config_outcome, current=desired
+                    ),
                 )
         scan_listeners = tuple(listeners) + ((uplink.on_scan,) if uplink is not None else ())
         scan = ScanLoop(
             frames=frames,
             decoder=dec,
             policy=policy,
-            seen=RepeatWindow(int(config.policy.repeat_window_s * 1e9)),
+            seen=seen,
             journal=journal,
             feedback=feedback,
             identity=ReaderIdentity(config.reader.door, config.reader.direction),

@@ -86,6 +86,12 @@ class CommandError(QrgateError):
     false); the reader carries on unchanged."""
 
 
+class DesiredConfigError(QrgateError):
+    """The back office's desired configuration was refused (a setting that may not be set
+    remotely, a bad value, no version): the reader keeps its current settings and says why in
+    its status; the back office must publish a corrected document with a higher version."""
+
+
 class StoreRetryAbortedError(StoreError):
     """The store stayed unusable until the ingest worker was told to stop: the message in
     hand is neither stored nor acknowledged, so the broker delivers it again when the worker

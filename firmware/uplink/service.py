@@ -149,7 +149,9 @@ class Uplink:
     (marks rows published/acked); ``outbox``: its read-only view. ``state``: what the status
     reports. ``telemetry``: the telemetry source (None: no telemetry). ``handlers``: command
     handlers by name (``report_status`` is answered here). ``gap_state``: file for the
-    forwarder's gap bookkeeping. ``rng``: the backoff jitter source.
+    forwarder's gap bookkeeping. ``desired``: takes the retained ``config/desired`` payloads
+    (see :mod:`firmware.uplink.desired`; None: not subscribed). ``rng``: the backoff jitter
+    source.
     """
 
     def __init__(
@@ -164,6 +166,7 @@ class Uplink:
         handlers: Mapping[str, Handler] | None = None,
         options: UplinkOptions | None = None,
         gap_state: Path | None = None,
+        desired: Callable[[bytes], Any] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.ident = ident
@@ -186,6 +189,7 @@ class Uplink:
             resend_after_s=self.options.resend_after_s,
         )
         self.lanes = CommandLanes(handlers or {}, self._reply)
+        self._desired = desired
         self._thread: threading.Thread | None = None
         self._wake_pending = False
         self._stopping = False
@@ -363,7 +367,10 @@ class Uplink:
         self._waiting.clear()
         t = self.topics
         self._subscribed = False
-        self._sub_mid = self.link.subscribe(gen, [(t.command("+"), 1), (t.events_ack, 1)])
+        subscriptions = [(t.command("+"), 1), (t.events_ack, 1)]
+        if self._desired is not None:
+            subscriptions.append((t.config_desired, 1))
+        self._sub_mid = self.link.subscribe(gen, subscriptions)
         self._publish_status()
         if self.options.ha_discovery:
             for topic, payload in ha_discovery(t, self.ident):
@@ -409,6 +416,12 @@ class Uplink:
                 self._reject(topic, e)
                 return
             self.forwarder.on_ack(seq)
+            return
+        if topic == t.config_desired and self._desired is not None:
+            # here on the worker, not a lane: a check and one small fsynced file, rare, and
+            # the status published right after must already carry the outcome
+            self._desired(payload)
+            self._publish_status()
             return
         prefix = t.command("")
         if not topic.startswith(prefix):

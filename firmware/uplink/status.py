@@ -44,6 +44,7 @@ class ReaderState:
         self._last_scan_wall_ns: int | None = None
         self._verdict: dict[str, Any] | None = None
         self._verdict_gen = 0
+        self._config: dict[str, Any] | None = None
 
     def scan(self, report: ScanReport) -> None:
         """A decided scan (the scan thread, after feedback)."""
@@ -98,6 +99,17 @@ class ReaderState:
         with self._lock:
             return self._last_scan_wall_ns
 
+    def config_outcome(self, outcome: dict[str, Any]) -> None:
+        """The desired configuration's outcome (see :mod:`firmware.uplink.desired`)."""
+        with self._lock:
+            self._config = dict(outcome)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The last desired-configuration outcome, None before any."""
+        with self._lock:
+            return self._config
+
     def verdict(self) -> tuple[int, dict[str, Any] | None]:
         """(generation, the newest verdict payload or None); the generation grows per scan."""
         with self._lock:
@@ -145,6 +157,7 @@ def birth_status(
         "clock_synced": bool(state.clock_synced()),
         "camera": state.camera,
         "last_scan_wall_ns": state.last_scan_wall_ns,
+        "config": state.config,
         "wall_ns": time.time_ns(),
         "uplink": uplink,
     }

@@ -332,8 +332,9 @@ def test_offline_and_birth_status_shapes() -> None:
     b = birth_status(IDENT, state, backlog=3, uplink={"takeovers": 0})
     assert set(b) == {
         "online", "device", "site", "door", "version", "boot_id", "backlog", "clock_synced",
-        "camera", "last_scan_wall_ns", "wall_ns", "uplink",
+        "camera", "last_scan_wall_ns", "config", "wall_ns", "uplink",
     }  # fmt: skip
+    assert b["config"] is None  # no desired configuration yet
     assert (b["online"], b["backlog"], b["camera"], b["clock_synced"]) == (
         True,
         3,
