@@ -40,7 +40,11 @@ topic (after the prefix)  direction    QoS    retained  payload
                                                         "credential_kind", "door",
                                                         "wall_ns", "clock_synced"}`` (for
                                                         dashboards; never the subject)
-``config/desired``        → reader     1      yes       desired configuration (reserved)
+``config/desired``        → reader     1      yes       ``{"version": N, "settings": {section:
+                                                        {key: value}}}``: the settings the back
+                                                        office wants (:mod:`firmware.uplink.
+                                                        desired`); the outcome is the status's
+                                                        ``"config"``
 ``credentials/snapshot``  → reader     1      yes       reserved: the credentials issue
 ``ota/job``, ``ota/state``  both       1      yes       reserved: the OTA issue
 ========================  ===========  =====  ========  =========================================
