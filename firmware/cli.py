@@ -555,7 +555,10 @@ def report(**opts: Any) -> None:
     except QrgateError as e:
         click.echo(f"qrgate: {e}", err=True)
         sys.exit(3)
-    Console().print(rep.report_table(result))
+    console = Console()
+    console.print(rep.report_table(result))
+    if result.readers:
+        console.print(rep.readers_table(result, tz))
     try:
         if opts["csv_path"]:
             rep.write_csv(result, opts["csv_path"])

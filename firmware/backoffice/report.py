@@ -52,6 +52,25 @@ class ReportRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ReaderRow:
+    """What the store holds of one reader, for the completeness check: ``events`` stored,
+    ``ack_seq`` (every seq up to it stored or covered by a gap record), ``max_seq`` (the
+    highest seq seen), ``missing`` (seqs below ``max_seq`` neither stored nor covered: not
+    arrived yet, or lost without a record), ``dropped`` (rows the reader's gap records say it
+    dropped, by reason; a count of 0 means unknown: a damaged journal), ``last_ns`` (its last
+    message, ns since the epoch)."""
+
+    device: str
+    site: str
+    events: int
+    ack_seq: int
+    max_seq: int
+    missing: int
+    dropped: dict[str, int]
+    last_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Rows for every (period, door) with at least one scan, by period start then site and
     door; ``periods``: every period label from ``since`` up to ``until`` (exclusive), in
@@ -63,6 +82,7 @@ class Report:
     until: dt.datetime
     rows: tuple[ReportRow, ...]
     periods: tuple[str, ...]
+    readers: tuple[ReaderRow, ...] = ()
 
     def totals(self) -> tuple[int, int, int, int]:
         """(entries, exits, granted, denied) over all rows."""
@@ -156,7 +176,61 @@ def build_report(
         if len(periods) > CHART_MAX_PERIODS:
             periods = list(dict.fromkeys(r.period for r in rows))
             break
-    return Report(by, since, until, rows, tuple(periods))
+    return Report(by, since, until, rows, tuple(periods), reader_rows(store))
+
+
+def reader_rows(store: Store) -> tuple[ReaderRow, ...]:
+    """One :class:`ReaderRow` per device in the store, by site then device. Raises
+    StoreError."""
+    missing: dict[str, int] = {}
+    for m in store.missing():
+        missing[m.device] = missing.get(m.device, 0) + m.to_seq - m.from_seq + 1
+    out = []
+    for d in store.devices():
+        dropped: dict[str, int] = {}
+        for g in store.reader_gaps(d.device):
+            dropped[g.reason] = dropped.get(g.reason, 0) + g.count
+        out.append(
+            ReaderRow(
+                d.device,
+                d.site,
+                d.events,
+                d.ack_seq,
+                d.max_seq,
+                missing.get(d.device, 0),
+                dropped,
+                d.last_ns,
+            )
+        )
+    return tuple(sorted(out, key=lambda r: (r.site, r.device)))
+
+
+def readers_table(report: Report, tz: dt.tzinfo) -> Table:
+    """A rich table of :attr:`Report.readers`: is everything in?"""
+    table = Table(title="Readers: is every scan in?")
+    table.add_column("Site")
+    table.add_column("Device")
+    for name in ("Events", "Acked seq", "Last seq", "Missing"):
+        table.add_column(name, justify="right")
+    table.add_column("Dropped by the reader")
+    table.add_column("Last message")
+    for r in report.readers:
+        dropped = ", ".join(
+            f"{n if n else 'unknown'} ({reason})" for reason, n in sorted(r.dropped.items())
+        )
+        last = dt.datetime.fromtimestamp(r.last_ns / 1e9, tz).isoformat(timespec="seconds")
+        table.add_row(
+            r.site,
+            r.device,
+            str(r.events),
+            str(r.ack_seq),
+            str(r.max_seq),
+            str(r.missing),
+            dropped or "none",
+            last,
+            style="red" if r.missing else None,
+        )
+    return table
 
 
 def csv_text(report: Report) -> str:

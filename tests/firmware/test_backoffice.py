@@ -948,6 +948,25 @@ def test_report_numbers_per_hour_and_day(stores: Callable[[str], Store], db_url:
     ]
 
 
+def test_report_says_per_reader_whether_every_scan_is_in(
+    stores: Callable[[str], Store], db_url: str
+) -> None:
+    store = stores(db_url)
+    load_data(store)
+    # r3 dropped seqs 3-5 on its size cap (said by a gap record), then 6-7 never arrived
+    gap = {"kind": "gap", "seq": 5, "from_seq": 3, "to_seq": 5, "count": 3, "reason": "cap_rows"}
+    later = event("r3", 8, door="lobby", direction="both", decision="granted")
+    for item in (gap, later):
+        store.store_events(parse_events(SITE, "r3", dumps({"device": "r3", "events": [item]})), 2)
+    since = dt.datetime(2025, 3, 3, tzinfo=UTC)
+    readers = rep.build_report(store, since, since + dt.timedelta(days=2), "day", UTC).readers
+    assert [(r.device, r.events, r.ack_seq, r.max_seq, r.missing, r.dropped) for r in readers] == [
+        ("r1", 7, 7, 7, 0, {}),
+        ("r2", 4, 4, 4, 0, {}),
+        ("r3", 3, 5, 8, 2, {"cap_rows": 3}),
+    ]
+
+
 def test_report_csv_png_and_command(tmp_path: Path, stores: Callable[[str], Store]) -> None:
     db = tmp_path / "report.db"
     load_data(stores(str(db)))
@@ -968,6 +987,25 @@ def test_report_csv_png_and_command(tmp_path: Path, stores: Callable[[str], Stor
     assert ["│", "2025-03-03", "│", "hq", "│", "front", "│", "3", "│", "0", "│", "3", "│", "1",
             "│"] in table_lines  # fmt: skip
     assert ["│", "total", "│", "│", "│", "5", "│", "2", "│", "7", "│", "3", "│"] in table_lines
+    assert "Readers: is every scan in?" in result.output
+    r1 = next(line for line in table_lines if "r1" in line)
+    assert r1[:15] == [
+        "│",
+        "hq",
+        "│",
+        "r1",
+        "│",
+        "7",
+        "│",
+        "7",
+        "│",
+        "7",
+        "│",
+        "0",
+        "│",
+        "none",
+        "│",
+    ]
     data = png_path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     with Image.open(io.BytesIO(data)) as image:
