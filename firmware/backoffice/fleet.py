@@ -10,6 +10,7 @@ back and collection ends after ``settle_s``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import queue
 import time
 import uuid
@@ -93,8 +94,17 @@ def collect_status(
         client.publish(probe, b"probe", qos=1)
         return _gather(messages, probe, settle_s)
     finally:
+        # paho's loop thread may take one more turn on the socket our clean disconnect
+        # closed, and logs that as an error ("Client is not connected"): it is not one here
+        quiet = logging.getLogger("qrgate.backoffice.paho.fleet")
+        quiet.addFilter(_after_disconnect)
+        client.enable_logger(quiet)
         client.disconnect()
         client.loop_stop()
+
+
+def _after_disconnect(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Client is not connected")
 
 
 def _get(q: queue.Queue[Any], timeout_s: float, settings: MqttSettings, what: str) -> Any:
