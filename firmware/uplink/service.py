@@ -77,6 +77,9 @@ rows journaled without a notify (incidents, spilled rows moved in later) go out 
 STOP_ACK_S = 2.0
 """At stop, how long the offline status may wait for its PUBACK, and the DISCONNECT for its
 write, seconds each."""
+STATUS_REFRESH_S = 30.0
+"""The retained status is published again this often while what it reports (backlog, last
+scan, events sent) changed since, seconds; camera changes and commands publish it at once."""
 PENDING_RESULTS = 32
 """Command results kept while disconnected, published on the next connect."""
 LOG_EVERY_S = 60.0
@@ -90,13 +93,14 @@ class UplinkOptions:
     while draining a backlog (1: never batch). ``telemetry_s``: seconds between telemetry
     messages (0: none). ``ha_discovery``: publish Home Assistant discovery on connect.
     ``resend_after_s``: re-publish rows the back office did not acknowledge after its ack
-    stalled this long (0: never)."""
+    stalled this long (0: never). ``status_s``: see :data:`STATUS_REFRESH_S`."""
 
     window: int = DEFAULT_WINDOW
     batch: int = DEFAULT_BATCH
     telemetry_s: float = 60.0
     ha_discovery: bool = False
     resend_after_s: float = DEFAULT_RESEND_AFTER_S
+    status_s: float = STATUS_REFRESH_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +203,8 @@ class Uplink:
         self._pending_results: deque[tuple[str, bytes]] = deque(maxlen=PENDING_RESULTS)
         self._verdict_sent = 0
         self._camera_sent = 0
+        self._status_seen: tuple[Any, ...] = ()
+        self._status_due = 0.0
         self._next_telemetry = 0.0
         self._waiting: dict[int, str] = {}  # mid -> what (status, results) awaiting PUBACK
         self._bad_messages = 0
@@ -397,6 +403,9 @@ class Uplink:
         if camera_gen != self._camera_sent:
             self._camera_sent = camera_gen
             self._publish_status()
+        elif time.monotonic() >= self._status_due and self._status_changed():
+            # a technician's fleet table must not show the backlog of the connect hours ago
+            self._publish_status()
         if (
             self.telemetry is not None
             and self.options.telemetry_s > 0
@@ -498,8 +507,18 @@ class Uplink:
         }
         status = birth_status(self.ident, self.state, backlog=backlog, uplink=counters)
         self._camera_sent = self.state.camera_generation
+        self._status_seen = self._status_key()
+        self._status_due = time.monotonic() + self.options.status_s
         self._publish(self.topics.status, dumps(status), retain=True, what="the status")
         return status
+
+    def _status_key(self) -> tuple[Any, ...]:
+        fwd = self.forwarder.stats()
+        return (self.state.last_scan_wall_ns, fwd.events, fwd.acked_through)
+
+    def _status_changed(self) -> bool:
+        self._status_due = time.monotonic() + self.options.status_s
+        return self._status_key() != self._status_seen
 
     def _publish_telemetry(self) -> None:
         assert self.telemetry is not None
