@@ -10,7 +10,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
+# The demo's private MQTT broker: when mosquitto is missing, setup.sh installs it (as root or
+# with password-less sudo; otherwise it prints the command) and the demo runs either way,
+# without a broker if need be, so a failed install does not stop it.
 demo: $(STAMP)
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || bash scripts/setup.sh || true
 	@$(BIN)/qrgate demo $(if $(REEL),--reel "$(REEL)") $(if $(CAMERA),--camera "$(CAMERA)")
 
 test: $(STAMP)

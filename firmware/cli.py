@@ -364,13 +364,23 @@ def badge_add(  # noqa: PLR0917 - click passes options positionally
     help="Folder for the demo's config, badges and journal.",
 )
 @click.option("--fps", default=30.0, show_default=True)
-def demo(reel: Path | None, camera: str | None, state: Path, fps: float) -> None:
-    """Run the real daemon on the embedded demo (generated reel, mock pins)."""
+@click.option(
+    "--mosquitto",
+    envvar="QRGATE_MOSQUITTO",
+    metavar="PATH",
+    help="The mosquitto executable for the demo's private broker [default: mosquitto on "
+    "PATH, else /usr/sbin/mosquitto]; where there is none the demo runs without a broker.",
+)
+def demo(
+    reel: Path | None, camera: str | None, state: Path, fps: float, mosquitto: str | None
+) -> None:
+    """Run the real daemon on the embedded demo (generated reel, mock pins), with a private
+    MQTT broker and the reference back office (`qrgate ingest`)."""
     from firmware.demo.run import run_demo
 
     _setup_logging(False)
     logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(run_demo(state, reel=reel, camera=camera, fps=fps))
+    sys.exit(run_demo(state, reel=reel, camera=camera, fps=fps, mosquitto=mosquitto))
 
 
 # -- the reference back office ------------------------------------------------------------

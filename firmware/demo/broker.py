@@ -277,6 +277,35 @@ class LocalBroker:
                 parts.append(f"--- {path.name} ---\n" + "\n".join(tail))
         return "\n".join(parts) if parts else "(mosquitto wrote nothing)"
 
+    @property
+    def log_size(self) -> int:
+        """Bytes in mosquitto's log now (0 before it exists): a ``since`` for
+        :meth:`logged_subscription` that skips what earlier runs wrote."""
+        return self._size(self.log_path)
+
+    def logged_subscription(self, topic_filter: str, *, since: int = 0) -> bool:
+        """True when mosquitto's log, from byte ``since`` on, shows a client subscribing to
+        exactly ``topic_filter``.
+
+        mosquitto logs ``<client id> <qos> <filter>`` right after it has added the subscription
+        (before its SUBACK), so a message published after this returned True is routed to that
+        subscriber. That matters for a shared subscription: the broker drops what is published
+        to a group that has no member yet.
+        """
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        for line in text.splitlines():
+            # "<timestamp>: <client id> <qos> <filter>"; the timestamp format is the config's
+            _, _, entry = line.partition(": ")
+            parts = entry.split(" ", 2)
+            if len(parts) == 3 and parts[1] in ("0", "1", "2") and parts[2] == topic_filter:
+                return True
+        return False
+
     def _start_once(self, timeout_s: float) -> None:
         log_offset = self._size(self.log_path)
         with self.output_path.open("ab") as out:
