@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from firmware.demo.backoffice import BACKOFFICE_DB
 from firmware.demo.broker import find_mosquitto
+from firmware.demo.prepare import DEVICE
 from firmware.demo.reel import ALLOWED_BADGE, UNKNOWN_BADGE, code_frame, idle_frames
-from firmware.demo.run import BACKOFFICE_DB, DEVICE
 from firmware.exceptions import BrokerError
 
 QRGATE = [sys.executable, "-m", "firmware.cli"]
