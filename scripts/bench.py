@@ -1,12 +1,14 @@
 """``make bench``: qrgate's speed and memory targets, measured side by side in one run.
 
 Prints a markdown table (targets next to measurements) and writes it to ``bench.md``.
-Needs ``../shared/corpus`` (or $QRGATE_SHARED) for the decode section.
+Needs ``../shared/corpus`` (or $QRGATE_SHARED) for the decode section and mosquitto for the
+uplink rows (each skipped, and said so, without).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import subprocess
@@ -28,11 +30,16 @@ from firmware.config import Config, parse_config  # noqa: E402
 from firmware.daemon import build_reader  # noqa: E402
 from firmware.decoding.corpus import load_gray, load_manifest, read_ok  # noqa: E402
 from firmware.decoding.registry import BACKENDS, make_decoder  # noqa: E402
+from firmware.demo.broker import LocalBroker, find_mosquitto  # noqa: E402
 from firmware.demo.reel import code_frame, idle_frames  # noqa: E402
+from firmware.exceptions import BrokerError  # noqa: E402
 from firmware.journal.bench import append_rate  # noqa: E402
 from firmware.pipeline import ScanReport  # noqa: E402
 from firmware.policy.badges import BadgeList, write_badges  # noqa: E402
 from firmware.policy.subjects import SubjectHasher  # noqa: E402
+from firmware.uplink import bench as ub  # noqa: E402
+from firmware.uplink.forwarder import DEFAULT_BATCH, DEFAULT_WINDOW  # noqa: E402
+from firmware.uplink.link import STABLE_S  # noqa: E402
 
 Row = tuple[str, str, str, str, bool | None]  # area, measure, result, target, met
 
@@ -324,6 +331,155 @@ def bench_rss(rows: list[Row], total: int) -> None:
     )
 
 
+def _no_mosquitto(rows: list[Row], area: str) -> bool:
+    try:
+        find_mosquitto()
+    except BrokerError as e:
+        rows.append((area, "uplink", f"skipped: {e}", "", None))
+        return True
+    return False
+
+
+def bench_uplink_drain(rows: list[Row], n: int, repeats: int = 2) -> None:
+    """Drain an n-event backlog to loopback mosquitto through the real uplink, next to bare
+    paho-mqtt publishing the same payloads; each run ``repeats`` times, the best counts."""
+    if _no_mosquitto(rows, "uplink"):
+        return
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalBroker(Path(tmp) / "broker", persistence=False) as broker,
+    ):
+        folder = Path(tmp)
+        source = folder / "source.db"
+        ub.build_backlog(source, n)
+        batched = list(ub.outbox_payloads(source, DEFAULT_BATCH))
+        single = list(ub.outbox_payloads(source, 1))
+        best: dict[str, ub.DrainResult] = {}
+
+        def keep(name: str, result: ub.DrainResult) -> None:
+            if name not in best or result.rate > best[name].rate:
+                best[name] = result
+
+        host, port = broker.host, broker.port
+        for i in range(repeats):
+            keep("prebuilt", ub.drain_paho(batched, host, port, events=n))
+            keep("single", ub.drain_paho(single, host, port, events=n))
+            journal = folder / f"journal{i}.db"
+            ub.build_backlog(journal, n)
+            keep(
+                "from_journal",
+                ub.drain_paho(ub.outbox_payloads(journal, DEFAULT_BATCH), host, port, events=n),
+            )
+            keep("uplink", ub.drain_uplink(journal, host, port))
+    up = best["uplink"]
+    runs = f"best of {repeats}"
+    rows.append(
+        (
+            "uplink",
+            f"drain a {n:,}-event backlog to loopback mosquitto: the uplink (journal → "
+            f"forwarder → link, window {DEFAULT_WINDOW}, batch {DEFAULT_BATCH}; done when every "
+            f"event is PUBACKed and marked published)",
+            f"{up.rate:,.0f} events/s ({up.messages:,} messages, {up.seconds:.2f} s, {runs})",
+            "",
+            None,
+        )
+    )
+    baselines = (
+        (
+            "from_journal",
+            f"bare paho, same batching ({DEFAULT_BATCH} events/message), QoS 1, ≤ "
+            f"{DEFAULT_WINDOW} unacked; the same rows read from the journal and made into the "
+            f"same JSON as it publishes, no rows marked (the target's baseline)",
+            True,
+        ),
+        (
+            "prebuilt",
+            f"bare paho, the same {DEFAULT_BATCH}-event payloads built beforehand in memory "
+            f"(transport only), QoS 1, ≤ {DEFAULT_WINDOW} unacked",
+            False,
+        ),
+        (
+            "single",
+            f"bare paho, one event per message (payloads built beforehand), QoS 1, ≤ "
+            f"{DEFAULT_WINDOW} unacked",
+            False,
+        ),
+    )
+    for name, what, judged in baselines:
+        base = best[name]
+        share = up.rate / base.rate * 100
+        rows.append(
+            (
+                "uplink",
+                what,
+                f"{base.rate:,.0f} events/s ({base.messages:,} messages, {base.seconds:.2f} s, "
+                f"{runs}); the uplink = {share:.0f} % of it",
+                "uplink ≥ 50 %" if judged else "",
+                share >= 50 if judged else None,
+            )
+        )
+
+
+def bench_uplink_rss(rows: list[Row], small: int, large: int, max_s: float) -> None:
+    """Peak RSS of a real `qrgate run` draining a small and a large backlog."""
+    if _no_mosquitto(rows, "memory"):
+        return
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalBroker(Path(tmp) / "broker", persistence=False) as broker,
+    ):
+        res = [
+            ub.daemon_rss(Path(tmp) / f"rss{n}", broker.host, broker.port, backlog=n, max_s=max_s)
+            for n in (small, large)
+        ]
+    a, b = res
+
+    def how(r: ub.RssResult) -> str:
+        state = "drained" if r.left == 0 else f"{r.backlog - r.left:,} sent, {r.left:,} left"
+        return f"{r.hwm_kb / 1024:.1f} MB ({state} in {r.seconds:.0f} s)"
+
+    growth = (b.hwm_kb - a.hwm_kb) / 1024
+    rows.append(
+        (
+            "memory",
+            f"daemon RSS, {large:,}- vs {small:,}-event backlog (qrgate run, broker reachable, "
+            f"peak VmHWM from start to the end of the drain, max {max_s:.0f} s)",
+            f"{a.backlog:,}: {how(a)}; {b.backlog:,}: {how(b)}: {growth:+.1f} MB; "
+            f"VmRSS sampled while draining {a.drain_peak_kb / 1024:.1f} → "
+            f"{b.drain_peak_kb / 1024:.1f} MB (backlog built in {b.build_s:.0f} s)",
+            "within 10 MB",
+            abs(growth) <= 10,
+        )
+    )
+
+
+def bench_uplink_outage(rows: list[Row], trials: int) -> None:
+    """Events flowing again after a 3 s broker outage (SIGKILL, then the same port)."""
+    if _no_mosquitto(rows, "uplink"):
+        return
+    # the link's warnings ("connection lost", "refused") are what this step causes on purpose
+    logging.getLogger("firmware.uplink.link").setLevel(logging.ERROR)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalBroker(Path(tmp) / "broker", persistence=False) as broker,
+    ):
+        res = ub.outage_recovery(Path(tmp) / "reader", broker, outage_s=3.0, trials=trials)
+    worst = max(t.to_puback_s for t in res)
+    each = ", ".join(f"{t.to_puback_s:.2f}" for t in res)
+    attempts = "/".join(str(t.attempts) for t in res)
+    jitter = 0.5  # the first retry's ceiling, [uplink] reconnect_min_s (default)
+    rows.append(
+        (
+            "uplink",
+            f"broker back after a 3 s outage (SIGKILL, same port; {trials} outages, 20 events/s "
+            f"flowing, each after {STABLE_S:g}+ s connected) → first event PUBACK",
+            f"max {worst:.2f} s ({each} s; connection attempts per outage {attempts})",
+            f"≤ {2 + jitter:g} s (2 s + {jitter:g} s reconnect jitter)",
+            worst <= 2 + jitter,
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
@@ -335,10 +491,20 @@ def main() -> None:
         ("idle CPU", lambda: bench_idle_cpu(rows, 5 if args.quick else 20)),
         ("journal appends", lambda: bench_journal(rows)),
         ("memory", lambda: bench_rss(rows, 5_000 if args.quick else 100_000)),
+        ("uplink drain", lambda: bench_uplink_drain(rows, 10_000 if args.quick else 100_000)),
+        (
+            "uplink memory",
+            lambda: bench_uplink_rss(
+                rows, *((2_000, 20_000) if args.quick else (10_000, 1_000_000)), max_s=240.0
+            ),
+        ),
+        ("uplink outage", lambda: bench_uplink_outage(rows, 1 if args.quick else 3)),
     ]
     for name, step in steps:
         print(f"bench: {name}…", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
         step()
+        print(f"bench: {name} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     cpu = Path("/proc/cpuinfo").read_text()
     model = next(
         (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")),

@@ -32,7 +32,7 @@ from firmware.uplink.commands import (
 )
 from firmware.uplink.forwarder import Forwarder
 from firmware.uplink.identity import client_id, device_id
-from firmware.uplink.link import Backoff, LinkSettings
+from firmware.uplink.link import Backoff, LinkSettings, ReconnectBackoff
 from firmware.uplink.status import Identity, ReaderState, Telemetry, ha_discovery
 from firmware.uplink.topics import Topics
 
@@ -72,6 +72,79 @@ def test_backoff_is_exponential_full_jitter_and_capped() -> None:
     assert all(30.0 <= b.next(floor=0.5) <= 60.0 for _ in range(20))
     b.reset()
     assert b.ceiling_s == 0.5
+
+
+class FakeClock:
+    """Monotonic seconds the test sets."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_reconnect_ceiling_follows_the_age_of_the_outage() -> None:
+    clock = FakeClock()
+    b = ReconnectBackoff(0.5, 60.0, rng=random.Random(7), clock=clock)
+    assert (b.ceiling_s, b.outage_s) == (0.5, 0.0)
+    assert 0.0 <= b.next() <= 0.5  # the first failure starts the outage
+    start = clock.t
+    ceilings = []
+    for age in (0.5, 1, 2, 3, 10, 60, 119, 120, 3600):
+        clock.t = start + age
+        ceilings.append(b.ceiling_s)
+    assert ceilings == [0.5, 0.5, 1, 1.5, 5, 30, 59.5, 60, 60]  # half the age, 0.5 s to 60 s
+    delays = [b.next() for _ in range(50)]
+    assert all(0.0 <= d <= 60.0 for d in delays) and len(set(delays)) == 50  # jittered
+    assert all(30.0 <= b.next(floor=0.5) <= 60.0 for _ in range(20))
+    b.reset()  # a connection stayed up
+    assert (b.ceiling_s, b.outage_s) == (0.5, 0.0)
+    clock.t += 500
+    b.next()  # a new outage starts at its own first failure, not at the last reset
+    clock.t += 4
+    assert b.ceiling_s == 2.0
+    with pytest.raises(ValueError):
+        ReconnectBackoff(0.0, 60.0)
+    with pytest.raises(ValueError):
+        ReconnectBackoff(0.5, 60.0, share=0.0)
+
+
+def reconnect_after(backoff: Any, clock: FakeClock, outage_s: float) -> float:
+    """Seconds from the broker's return to the first attempt after it: the link's loop
+    (fail, wait the next delay, try again) with attempts that take no time."""
+    start = clock.t
+    while clock.t - start < outage_s:
+        clock.t += backoff.next()
+    return clock.t - start - outage_s
+
+
+def test_reconnect_finds_a_returning_broker_within_half_the_outage() -> None:
+    for outage in (0.2, 3.0, 20.0):
+        late = []
+        for seed in range(1000):
+            clock = FakeClock()
+            b = ReconnectBackoff(0.5, 60.0, rng=random.Random(seed), clock=clock)
+            late.append(reconnect_after(b, clock, outage))
+        assert max(late) <= max(0.5, outage / 2)
+    # why not doubling ceilings: after a 3 s outage they overshoot that often
+    clock = FakeClock()
+    doubling = [
+        reconnect_after(Backoff(0.5, 60.0, random.Random(s)), clock, 3.0) for s in range(1000)
+    ]
+    assert sum(d > 1.5 for d in doubling) > 300
+
+
+def test_reconnect_attempts_thin_out_in_a_long_outage() -> None:
+    clock = FakeClock()
+    b = ReconnectBackoff(0.5, 60.0, rng=random.Random(1), clock=clock)
+    start, ages = clock.t, []
+    while clock.t - start < 3600:
+        clock.t += b.next()
+        ages.append(clock.t - start)
+    assert sum(a <= 10 for a in ages) <= 30  # a few per second at first
+    assert sum(a > 1800 for a in ages) <= 80  # about one per 30 s at the 60 s cap
+    assert len(ages) < 200  # an hour: no hot loop
 
 
 # --- config -----------------------------------------------------------------------------------
