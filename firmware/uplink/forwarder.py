@@ -16,8 +16,12 @@ came in, the link came up) and at least once a second.
   then may the journal forget them. A PUBACK only says the broker has a message: a broker
   killed right after its PUBACK, or one that dropped queued messages for an absent
   subscriber, loses it. So when the back office's ack has not moved for ``resend_after_s``
-  while rows it has not acknowledged were published, those rows are published again, once per
-  stall (again only after the ack moves).
+  while rows it has not acknowledged were published, those rows are published again. What was
+  published again can be lost the same way (the broker crashes twice in a row, the back office
+  is still away): while the ack stays stuck the rows go out again, each time after twice the
+  pause before, up to ``RESEND_BACKOFF_MAX`` x ``resend_after_s``; the ack moving starts over
+  at ``resend_after_s``. The stall clock restarts on every new connection (the retained ack and
+  the back office's queued share need a moment to come through).
 * Gap records (the journal's ``gaps`` table: seqs the size cap or a full disk dropped) go in the
   same stream, ahead of the rows, so the back office's contiguity can continue past them. The
   highest gap id the broker took is kept in a small state file beside the journal.
@@ -57,6 +61,10 @@ READ_AHEAD = 512
 """Unsent rows read from the outbox at a time (one query feeds many messages)."""
 GAP_POLL_S = 1.0
 """How often the gaps table is looked at while it has nothing new, seconds."""
+RESEND_BACKOFF_MAX = 16
+"""The longest pause between two re-sends of one stall, in multiples of ``resend_after_s`` (80
+min at the default 300 s): re-sending cannot help while the back office is down, and each
+re-send queues the whole unacknowledged backlog at the broker once more."""
 REFUSED_BACKOFF = (1.0, 60.0)
 """First and largest pause, seconds, after the broker refused a message (MQTT 5 reason code)."""
 
@@ -147,7 +155,7 @@ class Forwarder:
         self._gap_cursor: int | None = None  # None: load from gap_state first
         self._gap_sent = 0  # highest gap id the broker took, every lower one too
         self._resend_cursor: int | None = None
-        self._resend_armed = True  # the ack moved since the last re-send sweep
+        self._stall_resends = 0  # re-send sweeps since the ack last moved
         self._acked_through = 0
         self._ack_seen = False
         self._ack_warned = False
@@ -228,7 +236,9 @@ class Forwarder:
                 self._ack_warned = True
                 log.warning(
                     "back office acknowledges up to seq %d but this journal has published only "
-                    "up to %d (a reflashed reader, or a back-office bug?): acknowledging %d",
+                    "up to %d: acknowledging %d (right after a kill -9 this is the rows whose "
+                    "PUBACK came just before it, not yet marked: they go out again; otherwise "
+                    "a reflashed reader, or a back-office bug?)",
                     seq, top, top,
                 )  # fmt: skip
             seq = top
@@ -236,7 +246,7 @@ class Forwarder:
                 return
         self._acked_through = seq
         self._ack_moved_at = self._clock()
-        self._resend_armed = True
+        self._stall_resends = 0
         self.journal.mark_acked_through(seq)
 
     # --- sending ---------------------------------------------------------------------------
@@ -424,23 +434,30 @@ class Forwarder:
                 del self._done[s]
 
     def _check_ack_stall(self, now: float) -> None:
+        # Not only once per stall: a re-send the broker lost as well (killed again before it
+        # saved them, or dropping them for an absent back office) would leave the ack stuck,
+        # and the journal unable to forget anything, until the reader restarted.
+        doubled = 2.0 ** min(self._stall_resends, 32)  # bounded: a stall may last years
+        pause = self.resend_after_s * min(doubled, RESEND_BACKOFF_MAX)
         if (
             self.resend_after_s <= 0
             or not self._ack_seen
-            or not self._resend_armed
             or self._resend_cursor is not None
-            or now - self._ack_moved_at < self.resend_after_s
+            or now - self._ack_moved_at < pause
         ):
             return
-        self._ack_moved_at = now
+        stalled, self._ack_moved_at = now - self._ack_moved_at, now
         if self.outbox.has_sent_unacked_after(self._acked_through):
-            self._resend_armed = False
+            self._stall_resends += 1
             self._resend_cursor = self._acked_through
             log.warning(
                 "back office ack stuck at seq %d for %.0f s: publishing the rows it has "
-                "not acknowledged again",
+                "not acknowledged again (%s)",
                 self._acked_through,
-                self.resend_after_s,
+                stalled,
+                "first time"
+                if self._stall_resends == 1
+                else f"time {self._stall_resends}; the ack did not move since",
             )
 
     def _gap_acked(self, ids: tuple[int, ...]) -> None:
