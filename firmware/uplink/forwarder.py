@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,10 @@ DEFAULT_RESEND_AFTER_S = 300.0
 DONE_TTL_S = 10.0
 """How long a PUBACKed seq is remembered while the journal writer applies its mark; a row read
 back unsent after that (a database locked longer) is sent again: a duplicate, never a loss."""
+DONE_WINDOWS = 4
+"""At most this many full windows of PUBACKed seqs are remembered (the newest): at drain speed
+(~30,000 events/s) ten seconds of them would hold ~300,000 seqs, tens of MB, where the journal
+applies a mark within milliseconds. One forgotten early costs a duplicate, never a loss."""
 READ_AHEAD = 512
 """Unsent rows read from the outbox at a time (one query feeds many messages)."""
 GAP_POLL_S = 1.0
@@ -146,7 +150,10 @@ class Forwarder:
         self._publish: Publish | None = None
         self._inflight: dict[int, _Flight] = {}
         self._inflight_seqs: set[int] = set()
-        self._done: dict[int, float] = {}  # PUBACKed seq -> when; insertion order = time order
+        # PUBACKed seq -> when, oldest first; an OrderedDict, since a dict whose front keeps
+        # being deleted makes each look at its first item slower (quadratic over a drain)
+        self._done: OrderedDict[int, float] = OrderedDict()
+        self._done_max = DONE_WINDOWS * window * batch
         self._tracked_max = 0  # no in-flight or done seq above this
         self._ahead: deque[StoredEvent] = deque()  # unsent rows read, not sent yet
         self._ahead_end = True  # the read that filled it reached the end of the outbox
@@ -211,6 +218,8 @@ class Forwarder:
                 now = self._clock()
                 for s in flight.seqs:
                     self._done[s] = now
+                while len(self._done) > self._done_max:
+                    self._done.popitem(last=False)
             self._events += len(flight.seqs)
         if flight.gap_ids:
             self._gaps += len(flight.gap_ids)

@@ -609,3 +609,22 @@ def test_an_ack_beyond_what_was_published_is_clamped(journal: Journal) -> None:
     fl = flags(journal.path)
     assert [fl[s] for s in seqs] == [(1, 1), (1, 1)] + [(0, 0)] * 4
     assert f.stats().acked_through == 2
+
+
+def test_a_long_drain_remembers_only_the_newest_pubacked_seqs(journal: Journal) -> None:
+    # window 2, batch 5: at most 4 windows x 2 x 5 = 40 PUBACKed seqs remembered
+    seqs = append(journal, 300)
+    f, b = forwarder(journal, window=2, batch=5), FakeBroker()
+    f.connected(b.publish)
+    acked, most = 0, 0
+    for _ in range(len(seqs)):  # each round sends at least one message until all are out
+        f.pump()
+        for mid in list(b.sent)[acked:]:
+            assert f.on_puback(mid, True, "Success")
+            most = max(most, len(f._done))
+        acked = len(b.sent)
+        assert journal.flush()  # the journal's writer keeps up, as it does in milliseconds
+    assert b.seqs() == seqs  # each once, in order
+    assert most == 40  # reached and held at the cap (marks confirmed by reads go earlier)
+    assert journal.flush()
+    assert all(p == 1 for p, _ in flags(journal.path).values())
