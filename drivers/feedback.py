@@ -182,18 +182,24 @@ class Feedback:
         self._post(_Command("pattern", "denied", pattern_seconds(DENY_TONES)))
 
     def wait_settled(self, timeout_s: float) -> bool:
-        """Block until every call so far was shown and no verdict pattern runs; ``True`` if so.
+        """Block until every call so far was shown, no verdict pattern runs and the door is
+        locked again; ``True`` if so.
 
-        At most ``timeout_s`` seconds. For tests and orderly shutdown.
+        At most ``timeout_s`` seconds. For tests and orderly shutdown. The relay times its
+        pulse on its own thread, which a loaded machine may run after the green light's end.
         """
+        end = time.monotonic() + timeout_s
         with self._cond:
-            return self._cond.wait_for(
+            shown = self._cond.wait_for(
                 lambda: (
                     self._closed
                     or (not self._queue and self._done == self._posted and self._active is None)
                 ),
                 timeout=timeout_s,
             )
+        if not shown or self._relay is None or self._closed:
+            return shown
+        return self._relay.wait_locked(max(0.0, end - time.monotonic()))
 
     def close(self) -> None:
         """Lock the door first, then turn light and buzzer off; join every thread. Idempotent."""
