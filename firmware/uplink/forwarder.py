@@ -20,8 +20,9 @@ came in, the link came up) and at least once a second.
   published again can be lost the same way (the broker crashes twice in a row, the back office
   is still away): while the ack stays stuck the rows go out again, each time after twice the
   pause before, up to ``RESEND_BACKOFF_MAX`` x ``resend_after_s``; the ack moving starts over
-  at ``resend_after_s``. The stall clock restarts on every new connection (the retained ack and
-  the back office's queued share need a moment to come through).
+  at ``resend_after_s``. The stall clock runs on across reconnects (a link that drops more often
+  than ``resend_after_s`` still re-sends); after a connect a re-send waits ``CONNECT_GRACE_S``
+  at least, so the retained ack and the back office's queued share can come through first.
 * Gap records (the journal's ``gaps`` table: seqs the size cap or a full disk dropped) go in the
   same stream, ahead of the rows, so the back office's contiguity can continue past them. The
   highest gap id the broker took is kept in a small state file beside the journal.
@@ -65,6 +66,9 @@ READ_AHEAD = 512
 """Unsent rows read from the outbox at a time (one query feeds many messages)."""
 GAP_POLL_S = 1.0
 """How often the gaps table is looked at while it has nothing new, seconds."""
+CONNECT_GRACE_S = 10.0
+"""After a (re)connect, how long a re-send waits at least (or ``resend_after_s`` if shorter),
+seconds: the retained ack and what the back office queued need a moment to come through."""
 RESEND_BACKOFF_MAX = 16
 """The longest pause between two re-sends of one stall, in multiples of ``resend_after_s`` (80
 min at the default 300 s): re-sending cannot help while the back office is down, and each
@@ -168,6 +172,7 @@ class Forwarder:
         self._ack_warned = False
         self._puback_max = 0  # the highest seq PUBACKed in this process
         self._ack_moved_at = clock()
+        self._connected_at = self._ack_moved_at
         self._paused_until = 0.0
         self._refused_backoff = Backoff(*REFUSED_BACKOFF)
         self._last_refusal = ""
@@ -181,7 +186,9 @@ class Forwarder:
         last one is sent again (it was never marked published)."""
         self._reset()
         self._publish = publish
-        self._ack_moved_at = self._clock()
+        # the stall clock goes on (a link that drops more often than resend_after_s must
+        # still get its re-send); only a short grace lets the retained ack come through first
+        self._connected_at = self._clock()
 
     def disconnected(self) -> None:
         """The connection is gone: nothing in flight will be acknowledged."""
@@ -453,6 +460,7 @@ class Forwarder:
             or not self._ack_seen
             or self._resend_cursor is not None
             or now - self._ack_moved_at < pause
+            or now - self._connected_at < min(pause, CONNECT_GRACE_S)
         ):
             return
         stalled, self._ack_moved_at = now - self._ack_moved_at, now

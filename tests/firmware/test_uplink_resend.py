@@ -140,3 +140,22 @@ def test_a_stuck_ack_is_chased_with_a_doubling_pause_that_resets_when_it_moves(
         f.pump()
     assert clock.t - moved == RESEND_AFTER_S
     assert b.since(before) == seqs[5:]
+
+
+def test_a_link_that_drops_more_often_than_the_stall_still_resends(journal: Journal) -> None:
+    seqs = append(journal, 10)
+    clock = Clock()
+    f, _ = started(journal, clock)
+    resent_at: list[tuple[float, list[int]]] = []
+    for t in range(1, 3 * int(RESEND_AFTER_S)):
+        clock.t = float(t)
+        if t % 20 == 0:  # the connection drops every 20 s, well under resend_after_s
+            f.disconnected()
+            broker = Broker()
+            f.connected(broker.publish)
+        f.pump()
+        if t >= 20 and broker.sent and not resent_at:
+            resent_at.append((clock.t, broker.since(0)))
+    # stuck since t=0: the re-send goes out at 30 s, on the connection made at 20 s once its
+    # 10 s grace passed; before, every reconnect restarted the stall clock and it never came
+    assert resent_at == [(RESEND_AFTER_S, seqs[3:])]
