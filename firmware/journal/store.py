@@ -984,29 +984,38 @@ class Journal:
             raise JournalError(f"cannot read unpublished events: {op.error}")
         return op.result
 
-    def mark_published(self, seqs: Iterable[int]) -> None:
+    def mark_published(self, seqs: Iterable[int]) -> int:
         """Mark events ``seqs`` as published (PUBACK received); returns at once, applied by
         the writer in its next transaction. A crash before that re-sends them (the backend
-        deduplicates by event_id)."""
+        deduplicates by event_id). Returns the write's id for :meth:`applied` (0: nothing to
+        do, or the journal is not open)."""
         batch = tuple(int(s) for s in seqs)
-        if batch:
-            self._enqueue(lambda op_id: _Publish(op_id, batch))
+        if not batch:
+            return 0
+        return self._enqueue(lambda op_id: _Publish(op_id, batch))
+
+    def applied(self, op_id: int) -> bool:
+        """True once the write ``op_id`` (from :meth:`mark_published`) is committed, or will
+        never be (the journal closed): reads of the outbox show it from then on."""
+        with self._lock:
+            return op_id not in self._open_ops or self._state == "closed"
 
     def mark_acked_through(self, seq: int) -> None:
         """The backend stored every event up to ``seq``: mark them acked (and published), so
         the size cap drops them first. Returns at once; applied by the writer."""
         self._enqueue(lambda op_id: _AckThrough(op_id, int(seq)))
 
-    def _enqueue(self, make: Callable[[int], _WriteOp]) -> None:
+    def _enqueue(self, make: Callable[[int], _WriteOp]) -> int:
         with self._lock:
             if self._state != "open":
                 log.debug("journal not open; dropping a write op")
-                return
+                return 0
             self._op_seq += 1
             self._ops.append(make(self._op_seq))
             self._open_ops.add(self._op_seq)
             self._work_gen += 1
             self._work.notify()
+            return self._op_seq
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every event appended and every outbox/timing change made before this

@@ -58,10 +58,12 @@ DEFAULT_RESEND_AFTER_S = 300.0
 DONE_TTL_S = 10.0
 """How long a PUBACKed seq is remembered while the journal writer applies its mark; a row read
 back unsent after that (a database locked longer) is sent again: a duplicate, never a loss."""
-DONE_WINDOWS = 4
-"""At most this many full windows of PUBACKed seqs are remembered (the newest): at drain speed
-(~30,000 events/s) ten seconds of them would hold ~300,000 seqs, tens of MB, where the journal
-applies a mark within milliseconds. One forgotten early costs a duplicate, never a loss."""
+MARKS_WINDOWS = 4
+"""PUBACK marks the journal has not applied yet, at most, in windows of messages: past that
+the forwarder sends nothing new until the journal's writer catches up. A drain to a fast
+broker PUBACKs faster than the writer marks rows (~30,000 events/s here), and every seq in
+between must be remembered (else the next sweep would send it again): this bounds that memory
+(4 x 64 messages x 50 events: ~13,000 seqs, ~2 MB)."""
 READ_AHEAD = 512
 """Unsent rows read from the outbox at a time (one query feeds many messages)."""
 GAP_POLL_S = 1.0
@@ -85,8 +87,12 @@ class OutboxJournal(Protocol):
     """What the forwarder writes to the journal (both return at once; the journal's writer
     thread applies them)."""
 
-    def mark_published(self, seqs: Iterable[int]) -> None:
-        """Events ``seqs`` reached the broker."""
+    def mark_published(self, seqs: Iterable[int]) -> int:
+        """Events ``seqs`` reached the broker; returns the write's id for :meth:`applied`."""
+        ...
+
+    def applied(self, op_id: int) -> bool:
+        """True once the write ``op_id`` shows in outbox reads."""
         ...
 
     def mark_acked_through(self, seq: int) -> None:
@@ -157,7 +163,9 @@ class Forwarder:
         # PUBACKed seq -> when, oldest first; an OrderedDict, since a dict whose front keeps
         # being deleted makes each look at its first item slower (quadratic over a drain)
         self._done: OrderedDict[int, float] = OrderedDict()
-        self._done_max = DONE_WINDOWS * window * batch
+        self._marks: deque[tuple[int, tuple[int, ...]]] = deque()  # (journal write, seqs)
+        self._marks_max = MARKS_WINDOWS * window
+        self._read_deferred = False  # a read waits for the journal to apply marks
         self._tracked_max = 0  # no in-flight or done seq above this
         self._ahead: deque[StoredEvent] = deque()  # unsent rows read, not sent yet
         self._ahead_end = True  # the read that filled it reached the end of the outbox
@@ -220,13 +228,12 @@ class Forwarder:
             if flight.resend:
                 self._resent += len(flight.seqs)
             else:
-                self.journal.mark_published(flight.seqs)
+                op_id = self.journal.mark_published(flight.seqs)
+                self._marks.append((op_id, flight.seqs))
                 self._puback_max = max(self._puback_max, flight.seqs[-1])
                 now = self._clock()
                 for s in flight.seqs:
                     self._done[s] = now
-                while len(self._done) > self._done_max:
-                    self._done.popitem(last=False)
             self._events += len(flight.seqs)
         if flight.gap_ids:
             self._gaps += len(flight.gap_ids)
@@ -277,7 +284,7 @@ class Forwarder:
             return
         self._prune_done(now)
         self._check_ack_stall(now)
-        while len(self._inflight) < self.window:
+        while len(self._inflight) < self.window and len(self._marks) < self._marks_max:
             if not (self._send_gaps() or self._send_resend() or self._send_unsent()):
                 break
 
@@ -285,6 +292,12 @@ class Forwarder:
     def idle(self) -> bool:
         """True when nothing is in flight."""
         return not self._inflight
+
+    @property
+    def held_back(self) -> bool:
+        """True while sending waits for the journal to apply PUBACK marks (the worker should
+        pump again soon: no event announces that)."""
+        return len(self._marks) >= self._marks_max or (self._read_deferred and bool(self._marks))
 
     def stats(self) -> ForwarderStats:
         """The counters (see :class:`ForwarderStats`)."""
@@ -324,6 +337,13 @@ class Forwarder:
     def _refill(self, want: int) -> None:
         """Read unsent rows after the read position into the read-ahead buffer."""
         after = self._read_pos
+        if after < self._tracked_max and self._marks:
+            # a sweep from the start while PUBACK marks wait in the journal's queue would read
+            # all those rows back as unsent only to skip them (thousands at drain speed): the
+            # writer applies them within milliseconds, read then
+            self._read_deferred = True
+            return
+        self._read_deferred = False
         # rows in flight or PUBACKed-but-not-yet-marked come back from the read and are
         # skipped: read that many more (none lie above the position while a sweep drains)
         skip = 0 if after >= self._tracked_max else len(self._inflight_seqs) + len(self._done)
@@ -433,6 +453,10 @@ class Forwarder:
         self._read_pos = 0
 
     def _prune_done(self, now: float) -> None:
+        # seqs whose published mark the journal committed read back as sent from now on
+        while self._marks and self.journal.applied(self._marks[0][0]):
+            for s in self._marks.popleft()[1]:
+                self._done.pop(s, None)
         while self._done:
             seq, at = next(iter(self._done.items()))
             if now - at < DONE_TTL_S:

@@ -77,6 +77,9 @@ rows journaled without a notify (incidents, spilled rows moved in later) go out 
 STOP_ACK_S = 2.0
 """At stop, how long the offline status may wait for its PUBACK, and the DISCONNECT for its
 write, seconds each."""
+HELD_BACK_POLL_S = 0.005
+"""The pump's pace while the forwarder waits for the journal's writer to apply PUBACK marks
+(it does so within milliseconds), seconds."""
 STATUS_REFRESH_S = 30.0
 """The retained status is published again this often while what it reports (backlog, last
 scan, events sent) changed since, seconds; camera changes and commands publish it at once."""
@@ -326,6 +329,8 @@ class Uplink:
 
     def _timeout(self) -> float:
         t = POLL_S
+        if self.forwarder.held_back:
+            t = HELD_BACK_POLL_S
         if self._gen is not None and self.telemetry is not None and self.options.telemetry_s > 0:
             t = min(t, max(0.0, self._next_telemetry - time.monotonic()))
         return t
