@@ -20,20 +20,13 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from firmware.demo.broker import LocalBroker, TlsFiles, find_mosquitto, make_test_pki
+from firmware.demo.broker import LocalBroker, TlsFiles, make_test_pki
 from firmware.exceptions import BrokerError
 
 WAIT_S = 10.0  # generous upper bound for a loopback event; never an expected duration
 
 
-@pytest.fixture(autouse=True)
-def _need_mosquitto() -> None:
-    try:
-        find_mosquitto()
-    except BrokerError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"mosquitto is missing in CI: {e}")
-        pytest.skip(str(e))
+pytestmark = pytest.mark.usefixtures("need_mosquitto")
 
 
 class Client:

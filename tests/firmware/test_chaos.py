@@ -48,10 +48,8 @@ from firmware.journal.reader import JournalReader
 from firmware.uplink.identity import device_id
 from tests.firmware.daemons import QRGATE, SCAN_LINE, Daemon, write_codes
 from tests.firmware.readers import write_reader_config
-from tests.firmware.test_uplink import (  # the fixtures: a broker at hand, nothing leaked
+from tests.firmware.test_uplink import (
     WAIT_S,
-    _need_mosquitto,  # noqa: F401
-    _no_leaks,  # noqa: F401
     uplink_toml,
 )
 from tests.polling import wait_until
@@ -69,6 +67,8 @@ RESEND_LINE = "publishing the rows it has not acknowledged again"
 RESEND_WAIT_S = 4 * RESEND_AFTER_S
 CATCH_UP_S = 60.0  # bounds, never expected durations
 DRAIN_S = 120.0
+
+pytestmark = pytest.mark.usefixtures("no_leaks", "need_mosquitto")
 
 
 class Ingest:

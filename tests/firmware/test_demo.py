@@ -21,10 +21,8 @@ import pytest
 from PIL import Image
 
 from firmware.demo.backoffice import BACKOFFICE_DB
-from firmware.demo.broker import find_mosquitto
 from firmware.demo.prepare import DEVICE
 from firmware.demo.reel import ALLOWED_BADGE, UNKNOWN_BADGE, code_frame, idle_frames
-from firmware.exceptions import BrokerError
 
 QRGATE = [sys.executable, "-m", "firmware.cli"]
 DEMO_TIMEOUT_S = 180.0  # an upper bound for a 7 s reel plus start and stop; never expected
@@ -64,16 +62,6 @@ def reel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(image).save(folder / f"{index:05d}.png", compress_level=1)
             index += 1
     return folder
-
-
-@pytest.fixture
-def mosquitto() -> None:
-    try:
-        find_mosquitto()
-    except BrokerError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"mosquitto is missing in CI: {e}")
-        pytest.skip(str(e))
 
 
 @pytest.fixture
@@ -146,7 +134,7 @@ def summary_value(out: str, key: str) -> str:
 
 
 def test_demo_stores_every_scan_in_the_back_office_and_reports_it(
-    mosquitto: None, reel: Path, state: Path, tmp_path: Path
+    need_mosquitto: None, reel: Path, state: Path, tmp_path: Path
 ) -> None:
     done = run_demo(state, reel, tmp_path)
     out = done.stdout
@@ -232,7 +220,7 @@ def test_demo_without_mosquitto_says_so_and_its_backlog_grows(
 
 
 def test_ctrl_c_stops_reader_then_ingest_then_broker(
-    mosquitto: None, reel: Path, state: Path, tmp_path: Path
+    need_mosquitto: None, reel: Path, state: Path, tmp_path: Path
 ) -> None:
     proc = subprocess.Popen(
         [*QRGATE, "demo", "--state", str(state), "--reel", str(reel), "--fps", str(FPS)],

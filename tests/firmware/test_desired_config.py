@@ -20,15 +20,15 @@ from firmware.uplink.desired import (
     parse_desired,
 )
 from firmware.uplink.topics import Topics
-from tests.firmware.test_uplink import (  # the fixtures: a broker at hand, nothing leaked
+from tests.firmware.test_uplink import (
     DEVICE,
     SITE,
-    _need_mosquitto,  # noqa: F401
-    _no_leaks,  # noqa: F401
     back_office,
     reader_config,
     running,
 )
+
+pytestmark = pytest.mark.usefixtures("no_leaks", "need_mosquitto")
 
 
 def doc(version: Any, **sections: dict[str, Any]) -> bytes:

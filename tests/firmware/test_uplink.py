@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,7 @@ from drivers.pins import make_pin_factory
 from firmware.config import Config, load_config
 from firmware.daemon import Reader, build_reader
 from firmware.decoding.corpus import load_gray
-from firmware.demo.broker import LocalBroker, TlsFiles, find_mosquitto, make_test_pki
-from firmware.exceptions import BrokerError
+from firmware.demo.broker import LocalBroker, TlsFiles, make_test_pki
 from firmware.journal.events import NewEvent
 from firmware.journal.reader import JournalReader
 from firmware.journal.store import Journal
@@ -56,42 +55,8 @@ DEVICE = "door-a"
 HELD = b"DOOR1:7f3a9c21e4b8"  # the code in B06.png
 
 
-@pytest.fixture(autouse=True)
-def _need_mosquitto() -> None:
-    try:
-        find_mosquitto()
-    except BrokerError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"mosquitto is missing in CI: {e}")
-        pytest.skip(str(e))
-
-
-def child_pids() -> set[int]:
-    pids: set[int] = set()
-    for f in Path("/proc/self/task").glob("*/children"):
-        pids.update(int(x) for x in f.read_text().split())
-    return pids
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    """Every thread and child process a test starts is gone when it ends (autouse: torn
-    down after the test's own fixtures)."""
-    threads, children = set(threading.enumerate()), child_pids()
-    yield
-    deadline = time.monotonic() + WAIT_S
-    for t in set(threading.enumerate()) - threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    left = [t.name for t in set(threading.enumerate()) - threads if t.is_alive()]
-    assert not left, f"threads left running: {left}"
-    assert child_pids() <= children, f"child processes left: {child_pids() - children}"
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    """Cleanups in reverse order, also when a test fails: readers, back offices, brokers."""
-    with ExitStack() as s:
-        yield s
+# every test here: a broker at hand, and nothing left running after it
+pytestmark = pytest.mark.usefixtures("no_leaks", "need_mosquitto")
 
 
 # --- the back office ------------------------------------------------------------------------
@@ -279,8 +244,15 @@ class FeedSource(FrameSource):
 
 
 def uplink_toml(
-    port: int, *, host: str = "127.0.0.1", keepalive_s: int = 5, extra: str = ""
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    keepalive_s: int = 5,
+    reconnect: tuple[float, float] = (0.1, 1.0),
+    extra: str = "",
 ) -> str:
+    """``[uplink]`` for a test: time scaled down (keepalive 5 s, reconnect backoff from 0.1 s
+    up to 1 s) unless told otherwise."""
     return f"""
 [uplink]
 enabled = true
@@ -288,21 +260,28 @@ host = "{host}"
 port = {port}
 site = "{SITE}"
 keepalive_s = {keepalive_s}
-reconnect_min_s = 0.1
-reconnect_max_s = 1
+reconnect_min_s = {reconnect[0]}
+reconnect_max_s = {reconnect[1]}
 connect_timeout_s = 5
 {extra}
 """
 
 
-def reader_config(folder: Path, port: int, *, host: str = "127.0.0.1", extra: str = "") -> Config:
+def reader_config(
+    folder: Path,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    reconnect: tuple[float, float] = (0.1, 1.0),
+    extra: str = "",
+) -> Config:
     folder.mkdir(parents=True, exist_ok=True)
     return load_config(
         write_reader_config(
             folder,
             allow=[HELD],
             repeat_window_s=0.5,
-            extra=uplink_toml(port, host=host, extra=extra),
+            extra=uplink_toml(port, host=host, reconnect=reconnect, extra=extra),
         )
     )
 
@@ -447,6 +426,33 @@ def test_c15_port_closed_then_broker_starts(
     assert r.uplink.wait(lambda s: s["forwarder"]["acked_through"] >= max(scans.values()), WAIT_S)
     assert r.reader.journal.flush()
     assert set(journal_flags(cfg).values()) == {(True, True)}
+
+
+def test_c15_port_closed_for_60_s_with_the_field_backoff(
+    tmp_path: Path, stack: ExitStack, held: GrayImage
+) -> None:
+    broker = LocalBroker(tmp_path / "b")
+    stack.callback(broker.stop)
+    # the field's reconnect settings (0.5 s up to 60 s), not the tests' scaled-down ones
+    cfg = reader_config(tmp_path / "r", broker.port, reconnect=(0.5, 60.0))
+    r = running(stack, cfg)
+    closed_at = time.monotonic()
+    assert r.scan(held).decision.granted
+    # about the field case's 60 s with the port closed: the backoff ceiling grows with the
+    # outage (half of it) while the door goes on working
+    assert r.link.wait(lambda s: s.backoff_ceiling_s >= 25.0, 90.0), r.link.stats()
+    st = r.link.stats()
+    assert st.problem == "refused" and st.connects == 0
+    closed_s = time.monotonic() - closed_at
+    assert closed_s >= 50.0
+    # exponential in effect: each wait at most half the outage so far, so few attempts
+    assert 6 <= st.attempts <= 40, st.attempts
+    ceiling = st.backoff_ceiling_s
+    assert r.scan(held).decision.granted
+    broker.start()
+    # "connects within one backoff period after the broker appears"
+    assert r.link.wait(lambda s: s.connects == 1, ceiling + 10.0)
+    assert r.scan(held).decision.granted
 
 
 # --- C16: broker outage --------------------------------------------------------------------------

@@ -5,14 +5,12 @@ memory samples must be real. No timing is asserted."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from firmware.demo.broker import LocalBroker, find_mosquitto
-from firmware.exceptions import BrokerError
+from firmware.demo.broker import LocalBroker
 from firmware.journal.bench import sample_event
 from firmware.journal.outbox import OutboxReader
 from firmware.journal.store import Journal
@@ -20,13 +18,7 @@ from firmware.uplink import bench as ub
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    try:
-        find_mosquitto()
-    except BrokerError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"mosquitto is missing in CI: {e}")
-        pytest.skip(str(e))
+def broker(need_mosquitto: None, tmp_path: Path) -> Iterator[LocalBroker]:
     with LocalBroker(tmp_path / "broker", persistence=False) as b:
         yield b
 

@@ -8,19 +8,21 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
 from drivers.frames import GrayImage
 from firmware.demo.broker import LocalBroker
 from firmware.uplink.topics import Topics
-from tests.firmware.test_uplink import (  # the fixtures: a broker at hand, nothing leaked
+from tests.firmware.test_uplink import (
     DEVICE,
     SITE,
-    _need_mosquitto,  # noqa: F401
-    _no_leaks,  # noqa: F401
     back_office,
     held,  # noqa: F401
     reader_config,
     running,
 )
+
+pytestmark = pytest.mark.usefixtures("no_leaks", "need_mosquitto")
 
 
 def test_status_is_published_again_when_what_it_reports_changed(
