@@ -287,14 +287,26 @@ def _check_tls(config: Config, u: UplinkConfig) -> None:
         ) from None
     if u.cert is not None and u.key is not None:
         try:
-            ctx.load_cert_chain(certfile=str(u.cert), keyfile=str(u.key))
+            # never a passphrase prompt: a reader has nobody to answer it
+            ctx.load_cert_chain(certfile=str(u.cert), keyfile=str(u.key), password=_no_passphrase)
         except (ssl.SSLError, OSError, ValueError) as e:
+            if isinstance(e, ValueError) and "passphrase" in str(e):
+                raise ConfigError(
+                    config.source,
+                    "uplink.key",
+                    "an unencrypted PEM key",
+                    f"an encrypted key ({u.key})",
+                ) from None
             raise ConfigError(
                 config.source,
                 "uplink.cert",
                 "a PEM client certificate with its key in uplink.key",
                 f"{e} ({u.cert}, {u.key})",
             ) from None
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the key file asks for a passphrase")
 
 
 def link_settings(config: Config, device: str) -> LinkSettings:
@@ -406,10 +418,12 @@ def build_reader(
     lock.acquire()
     feedback = None
     try:
-        # the back office's desired settings, kept from an earlier run, win over the file
+        # the back office's desired settings, kept from an earlier run, win over the file;
+        # each document is laid over the file's config, never over the one before it
+        file_config = config
         desired = load_desired(state)
         if desired is not None:
-            config = overlay(config, desired)
+            config = overlay(file_config, desired)
         factory = (
             pin_factory
             if pin_factory is not None
@@ -443,7 +457,7 @@ def build_reader(
 
         def apply_desired(d: Desired) -> None:
             # each is one attribute its reader thread loads per use: no lock, no half state
-            live = overlay(config, d)
+            live = overlay(file_config, d)
             seen.window_ns = int(live.policy.repeat_window_s * 1e9)
             if feedback is not None and feedback.relay is not None:
                 feedback.relay.pulse_s = live.gpio.pulse_s

@@ -11,6 +11,9 @@ while it runs, and none that could cut it off (broker, TLS, identity) or touch w
 strike type): a mistake there would need a technician at the door. Values go through the same
 checks as the config file (:func:`firmware.config.parse_config`).
 
+A document is whole: the settings it leaves out go back to the config file's values (it is
+laid over the config file, never over the previous document).
+
 Versions: a document is applied only when its version is higher than the one applied before
 (the broker hands the retained document again on every reconnect; an older one left by a
 restored backup must not undo a newer one). The applied document is written to
@@ -40,6 +43,9 @@ from firmware.uplink.topics import loads
 log = logging.getLogger(__name__)
 
 FILE_NAME = "desired.json"
+MAX_VERSION = 2**53 - 1
+"""The highest version taken (JSON's exact integers): one absurd version must not lock a
+reader out of every later document."""
 REMOTE_SETTINGS: Mapping[str, frozenset[str]] = {
     "policy": frozenset({"repeat_window_s"}),
     "gpio": frozenset({"pulse_s"}),
@@ -63,8 +69,8 @@ def parse_desired(payload: bytes) -> Desired:
     the config file would refuse) with the reason."""
     obj = loads(payload)
     version = obj.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise DesiredConfigError("'version' must be an integer >= 1")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise DesiredConfigError(f"'version' must be an integer from 1 to {MAX_VERSION}")
     settings = obj.get("settings", {})
     if not isinstance(settings, dict):
         raise DesiredConfigError("'settings' must be an object of sections")
@@ -191,7 +197,13 @@ class DesiredConfig:
             self._report(status)
             return status
         if self.current is not None and desired.version <= self.current.version:
-            # the retained document again after a reconnect, or an older one: nothing to do
+            # the retained document again after a reconnect: nothing to do
+            if desired.version < self.current.version:
+                log.warning(
+                    "desired config version %d ignored: version %d is applied already",
+                    desired.version,
+                    self.current.version,
+                )
             return _status(self.current, "applied")
         try:
             save_desired(self.state_dir, desired)

@@ -243,10 +243,12 @@ class Forwarder:
     def on_ack(self, seq: int) -> None:
         """The back office's ``events/ack``: it stored every event up to ``seq``.
 
-        Only seqs this journal has published can be acknowledged: a retained ack left on the
-        broker by an earlier life of this device id (a reflashed card starts again at seq 1)
-        must not make rows that were never sent look acknowledged. The rest of such an ack
-        is ignored (logged once). Raises JournalError when the journal cannot be read."""
+        An ack above the highest seq this journal has published is ignored whole (logged
+        once): it cannot be about this journal's rows. It is a retained ack left by an earlier
+        life of this device id (a reflashed card starts again at seq 1), and taking even part
+        of it would mark rows the broker PUBACKed but lost as stored. Right after a kill -9
+        it can also be the rows whose PUBACK came just before the kill: they go out again
+        and the next ack covers them. Raises JournalError when the journal cannot be read."""
         self._ack_seen = True
         if seq <= self._acked_through:
             return  # the retained ack again, after a (re)subscribe
@@ -259,14 +261,13 @@ class Forwarder:
                 self._ack_warned = True
                 log.warning(
                     "back office acknowledges up to seq %d but this journal has published only "
-                    "up to %d: acknowledging %d (right after a kill -9 this is the rows whose "
-                    "PUBACK came just before it, not yet marked: they go out again; otherwise "
-                    "a reflashed reader, or a back-office bug?)",
-                    seq, top, top,
+                    "up to %d: ignoring that ack (right after a kill -9 these are rows whose "
+                    "PUBACK came just before it: they go out again; otherwise an earlier life "
+                    "of this device id, e.g. a reflashed card, whose ack says nothing about "
+                    "this journal)",
+                    seq, top,
                 )  # fmt: skip
-            seq = top
-            if seq <= self._acked_through:
-                return
+            return
         self._acked_through = seq
         self._ack_moved_at = self._clock()
         self._stall_resends = 0

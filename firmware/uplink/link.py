@@ -814,7 +814,8 @@ class MqttLink:
             ctx = ssl.create_default_context(cafile=str(s.ca) if s.ca else None)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             if s.cert is not None and s.key is not None:
-                ctx.load_cert_chain(certfile=str(s.cert), keyfile=str(s.key))
+                # an empty passphrase, never a prompt: nobody answers one on a reader
+                ctx.load_cert_chain(certfile=str(s.cert), keyfile=str(s.key), password=b"")
             client.tls_set_context(ctx)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)

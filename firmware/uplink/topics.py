@@ -220,6 +220,8 @@ def loads(payload: bytes) -> dict[str, Any]:
         raise BadMessageError(f"not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadMessageError(f"not JSON ({e.msg} at {e.pos})") from None
+    except RecursionError:
+        raise BadMessageError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadMessageError(f"a JSON {type(obj).__name__}, not an object")
     return obj

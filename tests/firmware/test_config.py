@@ -146,3 +146,18 @@ def test_config_check_loads_the_uplink_tls_files(tmp_path: Path) -> None:
     not_ca = write(tmp_path, GOOD + uplink.replace(str(pki.ca_cert), str(pki.server_key)))
     r = CliRunner().invoke(main, ["config", "check", str(not_ca)])
     assert r.exit_code == 2 and "uplink.ca" in r.output
+    # an encrypted key: refused with the reason, never a passphrase prompt (nobody answers)
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    locked = write(tmp_path, GOOD + uplink.replace(str(pki.client_key), str(encrypted)))
+    r = CliRunner().invoke(main, ["config", "check", str(locked)], input="")
+    assert r.exit_code == 2 and "an encrypted key" in r.output, r.output

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from firmware.demo.broker import LocalBroker
-from firmware.exceptions import DesiredConfigError
+from firmware.exceptions import BadMessageError, DesiredConfigError
 from firmware.uplink.desired import (
     FILE_NAME,
     Desired,
@@ -47,11 +47,15 @@ def test_only_the_remote_settings_pass_with_the_config_files_checks() -> None:
             4, policy={"repeat_window_s": 0}
         ),
         "gpio.pulse_s: expected a number": doc(4, gpio={"pulse_s": "long"}),
-        "'version' must be an integer >= 1": doc(0, policy={"repeat_window_s": 2}),
+        "'version' must be an integer from 1": doc(0, policy={"repeat_window_s": 2}),
+        # one absurd version would lock the reader out of every later document
+        "'version' must be an integer from 1 to": doc(10**26, policy={"repeat_window_s": 2}),
     }
     for reason, payload in refused.items():
         with pytest.raises(DesiredConfigError, match=reason.replace("(", r"\(")):
             parse_desired(payload)
+    with pytest.raises(BadMessageError, match="nested too deeply"):
+        parse_desired(b"[" * 100_000)
 
 
 class Recorder:
@@ -118,12 +122,20 @@ def over_mqtt(tmp_path: Path, stack: ExitStack) -> None:
     assert bo.wait(lambda: config_in_status("applied"))
     assert r.reader.scan.seen.window_ns == 7_000_000_000
     assert r.reader.feedback.relay.pulse_s == 2.5
+    # a document is whole: what it leaves out goes back to the config file's value (0.5 s)
+    whole = doc(6, gpio={"pulse_s": 4})
+    bo.paho.publish(topic, whole, qos=1, retain=True).wait_for_publish(10)
+    assert bo.wait(lambda: r.reader.feedback.relay.pulse_s == 4.0)
+    assert r.reader.scan.seen.window_ns == 500_000_000
+    payload = doc(7, policy={"repeat_window_s": 7}, gpio={"pulse_s": 2.5})
+    bo.paho.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    assert bo.wait(lambda: r.reader.scan.seen.window_ns == 7_000_000_000)
     # a refused one leaves the settings as they were and says why in the status
-    bad = doc(6, uplink={"host": "elsewhere"})
+    bad = doc(8, uplink={"host": "elsewhere"})
     bo.paho.publish(topic, bad, qos=1, retain=True).wait_for_publish(10)
     assert bo.wait(lambda: config_in_status("refused"))
     status = json.loads(bo.latest[Topics(SITE, DEVICE).status])["config"]
-    assert status["version"] == 6 and status["applied_version"] == 5
+    assert status["version"] == 8 and status["applied_version"] == 7
     assert r.reader.scan.seen.window_ns == 7_000_000_000
     r.stop()
     # a restart without the broker keeps the applied settings
