@@ -672,6 +672,12 @@ class SqliteStore(_SqlStore):
             with self._errors():
                 self._busy(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
                 self._conn.execute("PRAGMA synchronous = FULL")
+                columns = {r[1] for r in self._conn.execute("PRAGMA table_info(events)")}
+                if columns and "device" not in columns:
+                    raise StoreError(
+                        f"{self.path} is a reader's journal, not a back-office store: give "
+                        "the file 'qrgate ingest --db' writes"
+                    )
                 if create:
                     with self._write() as x:
                         _create_schema(x)

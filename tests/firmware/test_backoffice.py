@@ -49,6 +49,7 @@ from firmware.cli import main as cli_main
 from firmware.demo.broker import LocalBroker, find_mosquitto, free_port, make_test_pki
 from firmware.exceptions import BadMessageError, BrokerError, StoreError
 from firmware.journal.events import NewEvent, StoredEvent
+from firmware.journal.store import Journal
 from firmware.uplink.topics import Topics, dumps, event_json
 
 WAIT_S = 20.0  # upper bound for one loopback exchange; never an expected duration
@@ -1021,6 +1022,11 @@ def test_report_csv_png_and_command(tmp_path: Path, stores: Callable[[str], Stor
         cli_main, ["report", "--db", str(tmp_path / "none.db"), "--since", "2025-03-03"]
     )
     assert missing.exit_code == 3 and "no store at" in missing.output
+    journal = tmp_path / "journal.db"  # a reader's journal given by mistake
+    with Journal(journal, boot_id="b"):
+        pass
+    wrong = CliRunner().invoke(cli_main, ["report", "--db", str(journal), "--since", "2025-03-03"])
+    assert wrong.exit_code == 3 and "is a reader's journal" in wrong.output
     bad = CliRunner().invoke(cli_main, ["report", "--db", str(db), "--since", "March"])
     assert bad.exit_code == 2 and "no ISO date" in bad.output
 
