@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_ID = 128
 LANE_DEPTH = 4
 """Commands of one name waiting at most; more are answered "busy"."""
+MIN_PULSE_S = 0.1
+"""The shortest remote unlock, seconds (as ``gpio.pulse_s``): a shorter one is no unlock
+anybody could use, yet would be journaled as one."""
 MAX_PULSE_S = 60.0
 LANE_POLL_S = 0.2
 """How often an idle lane checks whether the reader is stopping, seconds."""
@@ -200,7 +203,7 @@ def unlock_handler(
     """``unlock``: journal a "command" event, then pulse the relay through the running
     reader's feedback (the same order as a scan: what happened is stored before it happens).
 
-    ``args.pulse_s`` (optional): seconds unlocked, 0 < x <= 60; the relay's default otherwise.
+    ``args.pulse_s`` (optional): seconds unlocked, 0.1 <= x <= 60; the relay's default otherwise.
     Result ``{"seq", "event_id"}`` of the journaled event. Raises CommandError for a bad
     ``pulse_s`` or when the relay could not be driven (the door stays locked).
     """
@@ -211,9 +214,11 @@ def unlock_handler(
             isinstance(pulse, bool)
             or not isinstance(pulse, (int, float))
             or not math.isfinite(pulse)
-            or not 0 < pulse <= MAX_PULSE_S
+            or not MIN_PULSE_S <= pulse <= MAX_PULSE_S
         ):
-            raise CommandError(f"args.pulse_s must be seconds, 0 < x <= {MAX_PULSE_S:g}")
+            raise CommandError(
+                f"args.pulse_s must be seconds, {MIN_PULSE_S:g} <= x <= {MAX_PULSE_S:g}"
+            )
         receipt = journal.append(
             NewEvent(
                 kind="command",

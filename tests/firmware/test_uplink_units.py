@@ -299,6 +299,8 @@ def test_unlock_journals_a_command_event_then_pulses(journal: Journal) -> None:
     assert e.detail == {"command": "unlock", "request_id": "r-9", "pulse_s": 1.5}
     with pytest.raises(CommandError, match="pulse_s"):
         run(Command("unlock", "r-10", {"pulse_s": 600}))
+    with pytest.raises(CommandError, match=r"0\.1 <= x <= 60"):
+        run(Command("unlock", "r-11", {"pulse_s": 1e-300}))  # no unlock anybody could use
     with pytest.raises(CommandError, match="stays locked"):
         unlock_handler(
             journal=journal,
