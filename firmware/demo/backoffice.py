@@ -8,6 +8,7 @@ after asking the reader for a fresh status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import time
 import weakref
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -233,7 +235,9 @@ def drain(reader: Reader, journal: Path, stopper: Stopper) -> tuple[int, int]:
         acked = int(reader.uplink.stats()["forwarder"]["acked_through"])
         if acked >= last or stopper.count != signals or time.monotonic() >= deadline:
             return acked, last
-        time.sleep(0.05)
+        # woken by the uplink's progress (an ack moving); the short bound re-reads the last
+        # seq and notices a Ctrl-C
+        reader.uplink.wait(functools.partial(_acked_through, last), 0.25)
 
 
 def print_fleet(console: Console, broker: LocalBroker) -> None:
@@ -299,3 +303,7 @@ def _ask_status(settings: MqttSettings) -> bool:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _acked_through(seq: int, stats: dict[str, Any]) -> bool:
+    return int(stats["forwarder"]["acked_through"]) >= seq

@@ -108,7 +108,7 @@ class UplinkOptions:
 
 @dataclass(frozen=True, slots=True)
 class _Wake:
-    pass
+    """Something to send: pump the outbox now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +119,7 @@ class _Result:
 
 @dataclass(frozen=True, slots=True)
 class _Stop:
-    pass
+    """Stop: publish the offline status and leave."""
 
 
 _WAKE = _Wake()
