@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from firmware.journal.events import NewEvent
 from firmware.journal.outbox import OutboxReader
 from firmware.journal.store import Journal
 from firmware.uplink.forwarder import Forwarder
+from tests.firmware.test_uplink_units import append
 
 TOPIC = "qrgate/v1/hq/d1/events"
 RESEND_AFTER_S = 30.0
@@ -27,26 +27,6 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     j.open()
     yield j
     j.close()
-
-
-def append(j: Journal, n: int) -> list[int]:
-    seqs = [
-        j.append(
-            NewEvent(
-                kind="scan",
-                wall_ns=1_700_000_000_000_000_000 + i,
-                clock_synced=True,
-                mono_ns=i,
-                door="lobby",
-                direction="in",
-                decision="granted",
-                reason="granted",
-            )
-        ).seq
-        for i in range(n)
-    ]
-    assert j.flush()
-    return seqs
 
 
 class Broker:
