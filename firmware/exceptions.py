@@ -28,6 +28,43 @@ class CredentialListError(QrgateError):
     """A badge or credential list is unreadable or invalid: the reader keeps its last good list."""
 
 
+class CredentialError(QrgateError):
+    """A scanned credential (pass, rotating code, ID card, personal QR) cannot be accepted: the
+    scan is denied with ``reason`` (a :class:`firmware.policy.verdict.Reason` value) and
+    ``why`` (a precise, stable sub-reason such as ``"id_digits"``); nothing to retry, the
+    holder needs a valid credential."""
+
+    def __init__(self, reason: str, why: str, message: str) -> None:
+        self.reason, self.why = reason, why
+        super().__init__(message)
+
+
+class PassError(CredentialError):
+    """A signed pass or rotating code is malformed, unsigned by a trusted issuer key, or badly
+    signed: denied; the administrator must issue a new pass (or add the issuer's key)."""
+
+
+class IdCardError(CredentialError):
+    """An ID card (CCCD) or personal QR payload is not well formed: denied with the precise
+    rule it broke; the person shows the card again or checks in another way."""
+
+
+class KeyFileError(QrgateError):
+    """A key file is missing, unreadable, of the wrong kind or too open (a private key must be
+    0600): fix the file or make a new key with ``qrgate keys new``; the command stops."""
+
+
+class ScheduleError(CredentialListError):
+    """A schedule document is invalid (unknown time zone, bad window, bad date): it is refused
+    and the reader keeps its last good schedules."""
+
+
+class SnapshotError(CredentialListError):
+    """A credential snapshot or delta was refused (bad signature, older version, broken
+    content, too large): the reader keeps the last good snapshot and reports the reason in its
+    status; the administrator publishes a corrected one with a higher version."""
+
+
 class JournalError(QrgateError):
     """The journal cannot store events: the scan is still decided; check the disk."""
 

@@ -16,6 +16,19 @@ class Reason(StrEnum):
     MULTIPLE_CODES = "multiple_codes"
     UNSUPPORTED_ENCODING = "unsupported_encoding"
     REPEAT = "repeat"
+    # signed and rotating passes (RFC 8392 CWT in RFC 9052 COSE_Sign1)
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_ISSUER = "unknown_issuer"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WRONG_DOOR = "wrong_door"
+    OUTSIDE_SCHEDULE = "outside_schedule"
+    STALE_CODE = "stale_code"  # a rotating code outside the current time step: a screenshot
+    REPLAYED = "replayed"  # a rotating code whose time step was already used here
+    CLOCK_UNTRUSTED = "clock_untrusted"  # a time-limited credential while the clock is untrusted
+    # identity cards (check-in)
+    INVALID_ID_CARD = "invalid_id_card"
+    NOT_ENROLLED = "not_enrolled"  # a well-formed card this access reader has no grant for
 
 
 @dataclass(frozen=True, slots=True)
