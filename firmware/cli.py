@@ -98,13 +98,13 @@ def config_group() -> None:
 @config_group.command("check")
 @click.argument("file", type=click.Path(path_type=Path))
 def config_check(file: Path) -> None:
-    """Validate FILE (and the badge list and key it names); exit 0 if it is usable."""
+    """Validate FILE (and the key and credential files it names); exit 0 if it is usable."""
     from firmware.config import load_config
     from firmware.daemon import link_settings, make_policy
 
     try:
         config = load_config(file)
-        _, badges = make_policy(config)
+        creds = make_policy(config).credentials
         if config.uplink.enabled:
             link_settings(config, "config-check")  # TLS files and the password file
     except QrgateError as e:
@@ -112,8 +112,10 @@ def config_check(file: Path) -> None:
         sys.exit(2)
     click.echo(
         f"ok: {file}: door {config.reader.door!r}, camera {config.camera.source}, "
-        f"decoder {config.decoder.backend}, {len(badges.allow)} allowed and "
-        f"{len(badges.deny)} denied badges, journal {config.journal_path}"
+        f"decoder {config.decoder.backend}, mode {config.reader.mode}, "
+        f"{len(creds.badges.allow)} allowed and {len(creds.badges.deny)} denied badges, "
+        f"{len(creds.trust)} issuer keys, {creds.deny_cti + creds.deny_sub} revocations, "
+        f"journal {config.journal_path}"
     )
 
 

@@ -19,6 +19,17 @@ CAMERA_SOURCES = ("replay", "v4l2", "picamera2")
 DECODER_BACKENDS = ("zxing-cpp", "zbar", "cascade")
 DIRECTIONS = ("in", "out", "both")
 STRIKES = ("fail-secure", "fail-safe")
+READER_MODES = ("access", "checkin")
+# what an ID-card check-in may keep about a person (firmware.policy.checkin.KEEP_ALLOWED)
+KEEP_CHOICES = (
+    "id_hmac",
+    "name_masked",
+    "birth_year",
+    "sex",
+    "full_name",
+    "birth_date",
+    "issue_date",
+)
 PIN_FACTORIES = ("auto", "mock", "mock-nopwm", "lgpio", "rpigpio", "pigpio", "native")
 UPLINK_TRANSPORTS = ("tcp", "tls")
 UPLINK_PROTOCOLS = ("3.1.1", "5")
@@ -27,11 +38,17 @@ UPLINK_PROTOCOLS = ("3.1.1", "5")
 @dataclass(frozen=True)
 class ReaderConfig:
     """``door``: door name in events. ``direction``: in/out/both. ``state_dir``: journal,
-    lock and control socket live here."""
+    lock, control socket, last clock sync and applied credential snapshot live here.
+    ``mode``: "access" (a door: grants what the credentials allow) or "checkin" (a venue's
+    entry log: every well-formed ID card or personal QR is logged with ``direction`` and
+    answered granted). ``zones``: zones this door belongs to (a pass may name zones instead of
+    doors)."""
 
     door: str = "door-1"
     direction: str = "in"
     state_dir: Path = Path("/var/lib/qrgate")
+    mode: str = "access"
+    zones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,12 +85,29 @@ class PolicyConfig:
     """``badges``: JSON badge list (allowlist and denylist of keyed HMACs). ``hmac_key``: the
     site key file (hex) those HMACs are made with. ``repeat_window_s``: seconds a payload must
     be out of view before it counts as a new scan. ``max_payload``: bytes; longer is
-    malformed."""
+    malformed.
+
+    Signed passes: ``trust`` (issuer keys, JSON), ``denylist`` (revoked pass ids and holders,
+    JSON), ``schedules`` (JSON): the local credential files, used until a signed snapshot
+    arrives. ``snapshot_key``: the public key (PEM) that signs credential snapshots; without it
+    snapshots are refused. ``leeway_s``: seconds of clock difference allowed at a pass's
+    ``exp``/``nbf``. ``rotating_skew_steps``: rotating-code time steps accepted either side of
+    the current one. ``clock_holdover_h``: hours after the last NTP sync the clock is still
+    trusted. ``keep``: what an ID-card check-in keeps about a person (see
+    :data:`firmware.policy.checkin.KEEP_ALLOWED`)."""
 
     badges: Path | None = None
     hmac_key: Path | None = None
     repeat_window_s: float = 5.0
     max_payload: int = 4096
+    trust: Path | None = None
+    denylist: Path | None = None
+    schedules: Path | None = None
+    snapshot_key: Path | None = None
+    leeway_s: float = 60.0
+    rotating_skew_steps: int = 1
+    clock_holdover_h: float = 24.0
+    keep: tuple[str, ...] = ("id_hmac", "name_masked", "birth_year")
 
 
 @dataclass(frozen=True)
@@ -282,6 +316,30 @@ def _pins(section: _Section) -> Mapping[str, int]:
     return result
 
 
+def _names(
+    s: _Section, key: str, default: tuple[str, ...] = (), choices: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """A list of distinct short names (zones, privacy fields)."""
+
+    def check(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list) or len(v) > 64 or len(set(map(str, v))) != len(v):
+            raise ValueError
+        for x in v:
+            if not (isinstance(x, str) and x and len(x) <= 64 and x.isprintable()):
+                raise ValueError
+            if choices and x not in choices:
+                raise ValueError
+        return tuple(v)
+
+    expected = (
+        "a list of distinct names from " + ", ".join(choices)
+        if choices
+        else "a list of distinct printable names (at most 64)"
+    )
+    result: tuple[str, ...] = s.get(key, default, check, expected)
+    return result
+
+
 def parse_config(
     data: Mapping[str, Any], file: str = "<memory>", base: Path | None = None
 ) -> Config:
@@ -299,6 +357,8 @@ def parse_config(
         door=s.text("door", ReaderConfig.door),
         direction=s.text("direction", ReaderConfig.direction, DIRECTIONS),
         state_dir=s.path("state_dir", ReaderConfig.state_dir) or ReaderConfig.state_dir,
+        mode=s.text("mode", ReaderConfig.mode, READER_MODES),
+        zones=_names(s, "zones"),
     )
     s.done()
 
@@ -339,11 +399,20 @@ def parse_config(
         # frame whenever one frame is missed
         repeat_window_s=s.number("repeat_window_s", PolicyConfig.repeat_window_s, 0.5, 3600),
         max_payload=s.number("max_payload", PolicyConfig.max_payload, 1, 1 << 20, integer=True),
+        trust=s.path("trust", None),
+        denylist=s.path("denylist", None),
+        schedules=s.path("schedules", None),
+        snapshot_key=s.path("snapshot_key", None),
+        leeway_s=s.number("leeway_s", PolicyConfig.leeway_s, 0, 3600),
+        rotating_skew_steps=s.number(
+            "rotating_skew_steps", PolicyConfig.rotating_skew_steps, 0, 5, integer=True
+        ),
+        clock_holdover_h=s.number("clock_holdover_h", PolicyConfig.clock_holdover_h, 0, 720),
+        keep=_names(s, "keep", PolicyConfig.keep, KEEP_CHOICES),
     )
-    if (policy.badges is None) != (policy.hmac_key is None):
-        missing = "policy.hmac_key" if policy.hmac_key is None else "policy.badges"
+    if policy.badges is not None and policy.hmac_key is None:
         raise ConfigError(
-            file, missing, "both policy.badges and policy.hmac_key, or neither", "only one of them"
+            file, "policy.hmac_key", "the site key the badge list is made with", "nothing"
         )
     s.done()
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from drivers.frames import FrameSource
 from firmware import __version__
-from firmware.clock import ClockStatus
+from firmware.clock import ClockState, ClockTrust
 from firmware.config import Config, UplinkConfig
 from firmware.decoding.codes import Decoder
 from firmware.decoding.registry import make_decoder
@@ -35,8 +35,11 @@ from firmware.journal.store import Journal
 from firmware.lock import InstanceLock
 from firmware.metrics import PipelineMetrics
 from firmware.pipeline import CaptureLoop, ReaderIdentity, ScanLoop, ScanReport
-from firmware.policy.badges import BadgeKind, BadgeList, load_badges
-from firmware.policy.policy import Policy
+from firmware.policy.badges import BadgeKind
+from firmware.policy.context import CredentialKind
+from firmware.policy.credentials import load_local_credentials
+from firmware.policy.kinds import IdCardKind, PassRules, RotatingPassKind, SignedPassKind
+from firmware.policy.policy import ClockSource, FixedClock, Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.subjects import SubjectHasher, load_key
 from firmware.uplink.commands import reload_badges_handler, unlock_handler
@@ -105,19 +108,57 @@ def make_feedback(config: Config, pin_factory: Any) -> Any:
     return Feedback(light, beeper, relay)
 
 
-def make_policy(config: Config) -> tuple[Policy, BadgeList]:
-    """The verdict policy with the badge list from ``[policy]`` (an empty list if none)."""
+class _FlagClock(FixedClock):
+    """A clock whose trust is a plain synced flag (tests, the demo, the benchmark)."""
+
+    def __init__(self, synced: Callable[[], bool]) -> None:
+        super().__init__()
+        self._synced = synced
+
+    def state(self) -> ClockState:
+        """SYNCED or UNTRUSTED, as the flag says."""
+        return ClockState.SYNCED if self._synced() else ClockState.UNTRUSTED
+
+
+def make_kinds(config: Config) -> list[CredentialKind]:
+    """The credential kinds in claim order: signed pass, rotating pass, ID card, badge."""
     p = config.policy
-    if p.hmac_key is not None and p.badges is not None:
+    rules = PassRules(leeway_s=p.leeway_s, skew_steps=p.rotating_skew_steps)
+    return [
+        SignedPassKind(rules),
+        RotatingPassKind(rules),
+        IdCardKind(checkin=config.reader.mode == "checkin", keep=frozenset(p.keep)),
+        BadgeKind(),
+    ]
+
+
+def make_policy(config: Config, clock: ClockSource | None = None) -> Policy:
+    """The verdict policy of ``[policy]``: the site key, the local credential files (the
+    applied snapshot replaces them, see :func:`firmware.policy.snapshot.SnapshotStore`).
+    ``clock``: the clock's trust (default: never trusted). Raises CredentialListError."""
+    p = config.policy
+    if p.hmac_key is not None:
         hasher = SubjectHasher(load_key(p.hmac_key))
-        badges = load_badges(p.badges)
     else:
-        log.warning("no badge list configured: every code will be answered 'unknown'")
         import secrets
 
+        # subjects then differ after every restart: fine for a demo, useless for reports
+        log.warning("no site key (policy.hmac_key): subjects will not match across restarts")
         hasher = SubjectHasher(secrets.token_bytes(32))
-        badges = BadgeList.of()
-    return Policy([BadgeKind(badges)], hasher, p.max_payload), badges
+    credentials = load_local_credentials(
+        trust=p.trust, badges=p.badges, denylist=p.denylist, schedules=p.schedules
+    )
+    if p.badges is None and p.trust is None and config.reader.mode == "access":
+        log.warning("no badge list or issuer keys configured: codes will be answered 'unknown'")
+    return Policy(
+        make_kinds(config),
+        hasher,
+        p.max_payload,
+        credentials=credentials,
+        clock=clock,
+        door=config.reader.door,
+        zones=config.reader.zones,
+    )
 
 
 @dataclass
@@ -432,13 +473,25 @@ def build_reader(
             )
         )
         feedback = make_feedback(config, factory)
-        policy, _ = make_policy(config)
-        synced = clock_synced or ClockStatus().synced
+        boot = read_boot_id()
+        clock: ClockSource
+        if clock_synced is not None:
+            clock = _FlagClock(clock_synced)
+        else:
+            clock = ClockTrust(
+                state_file=state / "clock.json",
+                boot_id=boot,
+                holdover_s=config.policy.clock_holdover_h * 3600,
+            )
+        policy = make_policy(config, clock)
+
+        def synced() -> bool:
+            return clock.state() is not ClockState.UNTRUSTED
+
         dec = decoder if decoder is not None else make_decoder(config.decoder.backend)
         frames = FrameQueue(config.decoder.queue)
         metrics = PipelineMetrics()
         j = config.journal
-        boot = read_boot_id()
         journal = Journal(
             config.journal_path,
             boot_id=boot,

@@ -168,7 +168,10 @@ class ScanLoop:
             return None
         m.codes += len(codes)
         decision = self.policy.decide(codes, self.seen, frame.t_ns, time.time_ns())
-        self.seen.observe((c.payload for c in codes), frame.t_ns)
+        in_view = [c.payload for c in codes]
+        if decision is not None:
+            in_view.extend(decision.seen_keys)
+        self.seen.observe(in_view, frame.t_ns)
         t2 = time.perf_counter_ns()
         if decision is None:
             return None
@@ -240,6 +243,7 @@ class ScanLoop:
             ),
             decode_ms=round(decode_ms, 3),
             verdict_ms=round(verdict_ms, 3),
+            detail=dict(d.detail or {}),
         )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.exceptions import CredentialListError
+from firmware.policy.context import Check, ScanContext
 from firmware.policy.verdict import Reason
 
 MAX_LIST_BYTES = 64 * 1024 * 1024
@@ -44,91 +45,102 @@ class BadgeList:
 
 class BadgeKind:
     """The ``badge`` credential kind: claims every payload no other kind claims (the
-    fallback), so an unknown code is answered ``unknown``."""
+    fallback), so an unknown code is answered ``unknown``. Matched on the keyed HMAC of the
+    raw payload bytes (field case C01: never on a decoder's guess at the text)."""
 
     name = "badge"
-
-    def __init__(self, badges: BadgeList) -> None:
-        self.badges = badges
 
     def claims(self, payload: bytes) -> bool:
         """Badges are any bytes at all."""
         return True
 
-    def check(self, payload: bytes, subject: str, wall_ns: int) -> tuple[bool, Reason]:
+    def check(self, payload: bytes, ctx: ScanContext) -> Check:
         """Denylist first, then allowlist; O(1) set lookups."""
-        if subject in self.badges.deny:
-            return False, Reason.REVOKED
-        if subject in self.badges.allow:
-            return True, Reason.GRANTED
-        return False, Reason.UNKNOWN
+        badges = ctx.credentials.badges
+        if ctx.subject in badges.deny:
+            return Check(False, Reason.REVOKED)
+        if ctx.subject in badges.allow:
+            return Check(True, Reason.GRANTED, valid=True)
+        return Check(False, Reason.UNKNOWN)
 
 
-def _fail(path: Path, what: str) -> CredentialListError:
+def _fail(where: str, what: str) -> CredentialListError:
     return CredentialListError(
-        f"{path}: {what}; fix the file (a running reader keeps its last good badge list)"
+        f"{where}: {what}; fix the list (a running reader keeps its last good badge list)"
     )
 
 
-def _subject(path: Path, where: str, v: Any) -> str:
+def _subject(where: str, v: Any) -> str:
     if not isinstance(v, str) or len(v) != 64:
-        raise _fail(path, f"{where}: expected a 64-character hex HMAC, found {v!r:.80}")
+        raise _fail(where, f"expected a 64-character hex HMAC, found {v!r:.80}")
     try:
         bytes.fromhex(v)
     except ValueError:
-        raise _fail(path, f"{where}: not hex: {v!r:.80}") from None
+        raise _fail(where, f"not hex: {v!r:.80}") from None
     return v.lower()
+
+
+def badges_from_json(data: object, where: str) -> BadgeList:
+    """Validate a badge list document (module docstring). ``where`` names it in errors.
+
+    Raises CredentialListError naming the entry."""
+    if not isinstance(data, dict):
+        raise _fail(where, "expected a JSON object with 'allow' and 'deny'")
+    unknown = sorted(str(k) for k in set(data) - {"version", "allow", "deny"})
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r:.40} (expected version, allow, deny)")
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _fail(where, f"'version' must be an integer, found {version!r:.40}")
+    allow_raw, deny_raw = data.get("allow", []), data.get("deny", [])
+    if not isinstance(allow_raw, list) or not isinstance(deny_raw, list):
+        raise _fail(where, "'allow' and 'deny' must be arrays")
+    allow: set[str] = set()
+    labels: dict[str, str] = {}
+    for i, entry in enumerate(allow_raw):
+        if isinstance(entry, str):
+            allow.add(_subject(f"{where}: allow[{i}]", entry))
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(where, f"allow[{i}]: expected an object {{subject, label}}")
+        s = _subject(f"{where}: allow[{i}].subject", entry.get("subject"))
+        allow.add(s)
+        label = entry.get("label", "")
+        if not isinstance(label, str):
+            raise _fail(where, f"allow[{i}].label: expected a string, found {label!r:.40}")
+        if label:
+            labels[s] = label
+    deny = {_subject(f"{where}: deny[{i}]", e) for i, e in enumerate(deny_raw)}
+    return BadgeList(frozenset(allow), frozenset(deny), labels, version)
+
+
+def badges_to_json(badges: BadgeList) -> dict[str, Any]:
+    """The document form of ``badges`` (module docstring), sorted."""
+    return {
+        "version": badges.version,
+        "allow": [{"subject": s, "label": badges.labels.get(s, "")} for s in sorted(badges.allow)],
+        "deny": sorted(badges.deny),
+    }
 
 
 def load_badges(path: Path) -> BadgeList:
     """Read and validate a badge list file. Raises CredentialListError naming the entry."""
     try:
         if path.stat().st_size > MAX_LIST_BYTES:
-            raise _fail(path, f"larger than {MAX_LIST_BYTES} bytes")
+            raise _fail(str(path), f"larger than {MAX_LIST_BYTES} bytes")
         data = json.loads(path.read_bytes())
     except OSError as e:
-        raise _fail(path, f"cannot read: {e.strerror or e}") from None
+        raise _fail(str(path), f"cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"not valid JSON: {e}") from None
+        raise _fail(str(path), f"not valid JSON: {e}") from None
     except RecursionError:
-        raise _fail(path, "not valid JSON: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise _fail(path, "expected a JSON object with 'allow' and 'deny'")
-    unknown = sorted(set(data) - {"version", "allow", "deny"})
-    if unknown:
-        raise _fail(path, f"unknown key {unknown[0]!r:.40} (expected version, allow, deny)")
-    version = data.get("version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise _fail(path, f"'version' must be an integer, found {version!r:.40}")
-    allow_raw, deny_raw = data.get("allow", []), data.get("deny", [])
-    if not isinstance(allow_raw, list) or not isinstance(deny_raw, list):
-        raise _fail(path, "'allow' and 'deny' must be arrays")
-    allow: set[str] = set()
-    labels: dict[str, str] = {}
-    for i, entry in enumerate(allow_raw):
-        if isinstance(entry, str):
-            allow.add(_subject(path, f"allow[{i}]", entry))
-            continue
-        if not isinstance(entry, dict):
-            raise _fail(path, f"allow[{i}]: expected an object {{subject, label}}")
-        s = _subject(path, f"allow[{i}].subject", entry.get("subject"))
-        allow.add(s)
-        label = entry.get("label", "")
-        if not isinstance(label, str):
-            raise _fail(path, f"allow[{i}].label: expected a string, found {label!r:.40}")
-        if label:
-            labels[s] = label
-    deny = {_subject(path, f"deny[{i}]", e) for i, e in enumerate(deny_raw)}
-    return BadgeList(frozenset(allow), frozenset(deny), labels, version)
+        raise _fail(str(path), "not valid JSON: nested too deeply") from None
+    return badges_from_json(data, str(path))
 
 
 def write_badges(path: Path, badges: BadgeList) -> None:
     """Write a badge list atomically (temp file + os.replace)."""
-    doc = {
-        "version": badges.version,
-        "allow": [{"subject": s, "label": badges.labels.get(s, "")} for s in sorted(badges.allow)],
-        "deny": sorted(badges.deny),
-    }
+    doc = badges_to_json(badges)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class Reason(StrEnum):
@@ -37,7 +39,11 @@ class CodeVerdict:
 
     ``subject``: keyed HMAC of the payload (hex), never the payload itself. ``kind``: the
     credential kind that claimed it ("badge", ...). ``length``: payload length in bytes.
-    ``backend``: decoder that read it.
+    ``backend``: decoder that read it. ``why``: a precise sub-reason ("id_digits",
+    "rotating_pass_shown_static") or None. ``detail``: what the event keeps about the
+    credential (pass id, issuer, a masked identity), never the raw payload. ``valid``: the
+    credential is well formed, authentic, not revoked and in date, before any door or schedule
+    rule (what ``qrgate pass inspect`` reports).
     """
 
     granted: bool
@@ -46,6 +52,9 @@ class CodeVerdict:
     subject: str
     length: int
     backend: str
+    why: str | None = None
+    detail: Mapping[str, Any] | None = None
+    valid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,9 @@ class Decision:
     deciding credential (None when several codes decided together). ``codes``: every distinct
     code in view, sorted by subject so the outcome never depends on decoder order.
     ``suppressed``: a repeat inside the repeat window; no feedback, no journal row.
+    ``detail``: kept in the event's detail: the clock's trust state ("clock") and the deciding
+    code's ``why`` and ``detail``. ``seen_keys``: besides the payloads, what the repeat
+    window records as in view (a rotating pass's id).
     """
 
     granted: bool
@@ -64,3 +76,5 @@ class Decision:
     subject: str | None
     codes: tuple[CodeVerdict, ...]
     suppressed: bool = False
+    detail: Mapping[str, Any] | None = None
+    seen_keys: tuple[bytes, ...] = ()

@@ -10,6 +10,7 @@ or ``{"request_id", "ok": false, "error"}``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from firmware.exceptions import BadMessageError, CommandError, CredentialListError
 from firmware.journal.events import NewEvent, Receipt
-from firmware.policy.badges import BadgeKind, BadgeList, load_badges
+from firmware.policy.badges import BadgeList, load_badges
 from firmware.policy.policy import Policy
 from firmware.uplink.topics import loads
 
@@ -250,21 +251,27 @@ def reload_badges_handler(
     """``reload_config``: read the badge list at ``path`` again and put it in force.
 
     A list that does not load is refused with the reason (CommandError); the reader keeps
-    deciding with its last good list. The swap replaces the policy's tuple of credential kinds
-    in one assignment, so a scan sees the old list or the new one, never a mix. Result
+    deciding with its last good list. The swap replaces the policy's credential set in one
+    assignment, so a scan sees the old list or the new one, never a mix. While a signed
+    credential snapshot is in force the local file is not read (CommandError: publish a new
+    snapshot instead), so a stale file never undoes a revocation. Result
     ``{"version", "allow", "deny"}``.
     """
 
     def run(cmd: Command) -> dict[str, Any]:
         if path is None:
             raise CommandError("no badge list configured (policy.badges)")
+        current = policy.credentials
+        if current.source == "snapshot":
+            raise CommandError(
+                f"credential snapshot version {current.version} is in force: "
+                "publish a new snapshot instead of reloading the local badge list"
+            )
         try:
             badges = load(path)
         except CredentialListError as e:
             raise CommandError(str(e)) from e
-        policy.kinds = tuple(
-            BadgeKind(badges) if isinstance(k, BadgeKind) else k for k in policy.kinds
-        )
+        policy.credentials = dataclasses.replace(current, badges=badges)
         log.info(
             "badge list %s reloaded: version %d, %d allowed, %d denied",
             path,

@@ -72,12 +72,14 @@ def make_reader(
     *,
     listeners: Sequence[Callable[[ScanReport], None]] = (),
     pin_factory: Any = None,
+    synced: bool = False,
 ) -> Reader:
-    """A reader on mock PWM pins with the given frame source."""
+    """A reader on mock PWM pins with the given frame source; its clock is NTP-synced when
+    ``synced`` (else untrusted, as on a Pi that just booted without network)."""
     return build_reader(
         config,
         pin_factory=pin_factory or make_pin_factory("mock"),
         source=source,
         listeners=listeners,
-        clock_synced=lambda: False,
+        clock_synced=lambda: synced,
     )

@@ -11,6 +11,7 @@ import pytest
 from firmware.decoding.codes import DecodedCode
 from firmware.exceptions import CredentialListError
 from firmware.policy.badges import BadgeKind, BadgeList, load_badges, write_badges
+from firmware.policy.credentials import CredentialSet
 from firmware.policy.policy import Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.subjects import SubjectHasher, load_key
@@ -30,7 +31,7 @@ def code(payload: bytes, exact: bool = True, backend: str = "zxing-cpp") -> Deco
 @pytest.fixture
 def policy() -> Policy:
     badges = BadgeList.of(allow=[H.subject(ALICE), H.subject(MALLORY)], deny=[H.subject(MALLORY)])
-    return Policy([BadgeKind(badges)], H, max_payload=64)
+    return Policy([BadgeKind()], H, max_payload=64, credentials=CredentialSet(badges=badges))
 
 
 def test_subject_is_keyed_hmac_not_payload() -> None:

@@ -4,6 +4,7 @@ status and discovery payloads, and the forwarder's outbox bookkeeping against a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sqlite3
@@ -315,14 +316,19 @@ def test_reload_keeps_the_last_good_list(tmp_path: Path) -> None:
     hasher = SubjectHasher(bytes(32))
     path = tmp_path / "badges.json"
     write_badges(path, BadgeList.of(allow=[hasher.subject(b"A")], version=1))
-    policy = Policy([BadgeKind(BadgeList.of())], hasher)
+    policy = Policy([BadgeKind()], hasher)
     run = reload_badges_handler(policy=policy, path=path)
     assert run(Command("reload_config", "r", {})) == {"version": 1, "allow": 1, "deny": 0}
-    first = policy.kinds
+    first = policy.credentials
+    assert first.badges.allow == {hasher.subject(b"A")}
     path.write_text('{"allow": ["nothex"]}')
     with pytest.raises(CommandError, match=r"allow\[0\].*keeps its last good badge list"):
         run(Command("reload_config", "r", {}))
-    assert policy.kinds is first
+    assert policy.credentials is first
+    # a signed snapshot in force is never undone by the local file
+    policy.credentials = dataclasses.replace(first, source="snapshot", version=9)
+    with pytest.raises(CommandError, match="snapshot version 9 is in force"):
+        run(Command("reload_config", "r", {}))
 
 
 def test_lanes_answer_unknown_and_busy_at_once() -> None:
