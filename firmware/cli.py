@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import click
 
 from drivers.exceptions import DriverError
 from firmware import __version__
-from firmware.exceptions import ConfigError, QrgateError
+from firmware.exceptions import ConfigError, CredentialListError, QrgateError
 
 if TYPE_CHECKING:
     from firmware.backoffice.mqtt import MqttSettings
@@ -32,7 +32,33 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """A group some of whose commands live in other modules, imported only when named: the
+    administration tools pull in cryptography and numpy, which `qrgate journal tail` and
+    the daemon's start never need before they decide to."""
+
+    lazy: ClassVar[dict[str, str]] = {
+        "credentials": "firmware.admin.credentials:credentials",
+        "keys": "firmware.admin.keys:keys",
+        "pass": "firmware.admin.passes:pass_group",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, attr = self.lazy[cmd_name].split(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+        return command
+
+
+@click.group(cls=_LazyGroup)
 @click.version_option(__version__, prog_name="qrgate")
 def main() -> None:
     """qrgate: firmware for QR-code door readers."""
@@ -349,6 +375,49 @@ def badge_add(  # noqa: PLR0917 - click passes options positionally
         labels[subject] = label
     write_badges(listfile, BadgeList(frozenset(allow), frozenset(denied), labels, old.version + 1))
     click.echo(f"{'denied' if deny else 'allowed'} {subject}")
+
+
+@badge.command("remove")
+@click.option("--key", "keyfile", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--list",
+    "listfile",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Badge list JSON (created by --revoke if missing).",
+)
+@click.option("--text", help="Payload as UTF-8 text.")
+@click.option("--hex", "hex_", help="Payload as hex bytes.")
+@click.option(
+    "--revoke", is_flag=True, help="Move it to the denylist instead of dropping it from both."
+)
+def badge_remove(
+    keyfile: Path, listfile: Path, text: str | None, hex_: str | None, revoke: bool
+) -> None:
+    """Take a badge payload (as its keyed HMAC) off the allowlist and the denylist, or with
+    --revoke off the allowlist and onto the denylist; bumps the list version. Exit 1 when
+    there was nothing to change."""
+    from firmware.policy.badges import BadgeList, load_badges, write_badges
+    from firmware.policy.subjects import SubjectHasher, load_key
+
+    payload = _payload(text, hex_)
+    try:
+        subject = SubjectHasher(load_key(keyfile)).subject(payload)
+        if not listfile.exists() and not revoke:
+            raise CredentialListError(f"{listfile}: no such badge list")
+        old = load_badges(listfile) if listfile.exists() else BadgeList.of()
+    except QrgateError as e:
+        click.echo(f"qrgate: {e}", err=True)
+        sys.exit(2)
+    allow = old.allow - {subject}
+    denied = old.deny | {subject} if revoke else old.deny - {subject}
+    if allow == old.allow and denied == old.deny:
+        where = "already on the denylist" if revoke else "on neither list"
+        click.echo(f"{subject} is {where}: nothing changed")
+        sys.exit(1)
+    labels = {s: label for s, label in old.labels.items() if s != subject}
+    write_badges(listfile, BadgeList(allow, denied, labels, old.version + 1))
+    click.echo(f"{'revoked' if revoke else 'removed'} {subject}")
 
 
 @main.command()

@@ -25,7 +25,7 @@ from firmware.clock import ClockState, ClockTrust
 from firmware.config import Config, UplinkConfig
 from firmware.decoding.codes import Decoder
 from firmware.decoding.registry import make_decoder
-from firmware.exceptions import ConfigError, DeviceIdentityError
+from firmware.exceptions import ConfigError, DeviceIdentityError, KeyFileError
 from firmware.freshest import FrameQueue
 from firmware.idle import ChangeGate
 from firmware.journal.events import NewEvent
@@ -37,12 +37,15 @@ from firmware.metrics import PipelineMetrics
 from firmware.pipeline import CaptureLoop, ReaderIdentity, ScanLoop, ScanReport
 from firmware.policy.badges import BadgeKind
 from firmware.policy.context import CredentialKind
-from firmware.policy.credentials import load_local_credentials
+from firmware.policy.credentials import CredentialSet, load_local_credentials
+from firmware.policy.keys import load_public_key
 from firmware.policy.kinds import IdCardKind, PassRules, RotatingPassKind, SignedPassKind
 from firmware.policy.policy import ClockSource, FixedClock, Policy
 from firmware.policy.repeat import RepeatWindow
+from firmware.policy.snapshot import SnapshotStore
 from firmware.policy.subjects import SubjectHasher, load_key
 from firmware.uplink.commands import reload_badges_handler, unlock_handler
+from firmware.uplink.credentials import CredentialSync
 from firmware.uplink.desired import Desired, DesiredConfig, load_desired, overlay
 from firmware.uplink.identity import client_id
 from firmware.uplink.identity import device_id as read_device_id
@@ -159,6 +162,22 @@ def make_policy(config: Config, clock: ClockSource | None = None) -> Policy:
         door=config.reader.door,
         zones=config.reader.zones,
     )
+
+
+def make_snapshot_store(config: Config) -> SnapshotStore:
+    """The credential snapshot store in ``reader.state_dir``, checking snapshots with
+    ``[policy] snapshot_key`` (none: every snapshot is refused) and, with the uplink on, for
+    the site ``[uplink] site``. Raises ConfigError when the key file is not a usable public
+    key."""
+    path = config.policy.snapshot_key
+    try:
+        key = load_public_key(path) if path is not None else None
+    except KeyFileError as e:
+        raise ConfigError(
+            config.source, "policy.snapshot_key", "a PEM public key (Ed25519 or P-256)", str(e)
+        ) from None
+    site = config.uplink.site if config.uplink.enabled else None
+    return SnapshotStore(config.reader.state_dir, key, site=site)
 
 
 @dataclass
@@ -392,11 +411,13 @@ def make_uplink(
     metrics: PipelineMetrics,
     frames: FrameQueue,
     desired: DesiredConfig | None = None,
+    credentials: CredentialSync | None = None,
 ) -> Uplink:
     """The MQTT uplink of ``[uplink]``: events from ``journal``, status from ``state``,
     telemetry from ``metrics``/``frames``, commands ``unlock`` (through ``feedback``),
     ``reload_config`` (the badge list into ``policy``) and ``report_status``; ``desired``
-    takes the retained ``config/desired``. Raises ConfigError (see :func:`link_settings`)."""
+    takes the retained ``config/desired``, ``credentials`` the reader's and the site's
+    ``credentials/snapshot``. Raises ConfigError (see :func:`link_settings`)."""
     u = config.uplink
     r = config.reader
     return Uplink(
@@ -429,6 +450,7 @@ def make_uplink(
         ),
         gap_state=config.journal_path.with_name(config.journal_path.name + ".gaps-sent"),
         desired=desired.offer if desired is not None else None,
+        credentials=credentials,
     )
 
 
@@ -448,7 +470,9 @@ def build_reader(
     ``pin_factory``/``source``/``decoder``/``clock_synced`` override what the config names
     (tests, the benchmark, the demo); ``device_id`` overrides the hardware's (tests: the id
     names the MQTT client and topics). With ``[uplink] enabled`` the MQTT uplink is built; a
-    reader whose device id cannot be read runs without it (logged). Raises
+    reader whose device id cannot be read runs without it (logged). A credential snapshot
+    kept by an earlier run replaces the local credential files' set (a kept file that no
+    longer verifies is moved aside and the local files are used). Raises
     InstanceLockedError, ConfigError, CredentialListError, DecoderError, PinFactoryError.
     """
     from drivers.pins import make_pin_factory
@@ -484,6 +508,10 @@ def build_reader(
                 holdover_s=config.policy.clock_holdover_h * 3600,
             )
         policy = make_policy(config, clock)
+        snapshots = make_snapshot_store(config)
+        applied = snapshots.load()
+        if applied is not None:
+            policy.credentials = applied
 
         def synced() -> bool:
             return clock.state() is not ClockState.UNTRUSTED
@@ -519,6 +547,10 @@ def build_reader(
                     uplink.options, telemetry_s=live.uplink.telemetry_s
                 )
 
+        def install(credentials: CredentialSet) -> None:
+            # one assignment: a scan decides on the old set or the new one, never on a mix
+            policy.credentials = credentials
+
         if config.uplink.enabled:
             try:
                 device = device_id if device_id is not None else read_device_id()
@@ -537,6 +569,9 @@ def build_reader(
                     frames=frames,
                     desired=DesiredConfig(
                         state, apply_desired, reader_state.config_outcome, current=desired
+                    ),
+                    credentials=CredentialSync(
+                        snapshots, install, reader_state.credentials_outcome
                     ),
                 )
         scan_listeners = tuple(listeners) + ((uplink.on_scan,) if uplink is not None else ())

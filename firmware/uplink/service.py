@@ -11,7 +11,10 @@ Threads and what they may do:
   it has always stored a message id before it handles that id's PUBACK), reads the journal's
   outbox (its own read-only SQLite connection) and hands commands to their lanes;
 * command lanes ("qrgate-cmd-<name>", :mod:`firmware.uplink.commands`) run handlers that may
-  take seconds and give results back to the worker's queue.
+  take seconds and give results back to the worker's queue;
+* the credentials thread ("qrgate-credentials", :mod:`firmware.uplink.credentials`) takes the
+  ``credentials/snapshot`` payloads the worker hands it (the newest per topic), downloads,
+  verifies and applies them, and asks the worker for a status publish when done.
 
 So nothing slow runs in a callback, the scan path never waits on MQTT, and a slow command
 never holds up keepalives (network thread) or PUBACK handling (worker).
@@ -41,6 +44,7 @@ from firmware.uplink.commands import (
     parse_command,
     result_payload,
 )
+from firmware.uplink.credentials import DEVICE, SITE, CredentialSync
 from firmware.uplink.forwarder import (
     DEFAULT_BATCH,
     DEFAULT_RESEND_AFTER_S,
@@ -118,12 +122,17 @@ class _Result:
 
 
 @dataclass(frozen=True, slots=True)
+class _StatusNow:
+    """Publish the status now (something it reports changed on another thread)."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Stop:
     """Stop: publish the offline status and leave."""
 
 
 _WAKE = _Wake()
-_Item = LinkEvent | _Wake | _Result | _Stop
+_Item = LinkEvent | _Wake | _Result | _StatusNow | _Stop
 
 
 class _Throttle:
@@ -157,8 +166,10 @@ class Uplink:
     reports. ``telemetry``: the telemetry source (None: no telemetry). ``handlers``: command
     handlers by name (``report_status`` is answered here). ``gap_state``: file for the
     forwarder's gap bookkeeping. ``desired``: takes the retained ``config/desired`` payloads
-    (see :mod:`firmware.uplink.desired`; None: not subscribed). ``rng``: the backoff jitter
-    source.
+    (see :mod:`firmware.uplink.desired`; None: not subscribed). ``credentials``: takes the
+    reader's and the site's ``credentials/snapshot`` (see :mod:`firmware.uplink.credentials`;
+    None: not subscribed); its thread is started and stopped with the uplink. ``rng``: the
+    backoff jitter source.
     """
 
     def __init__(
@@ -174,6 +185,7 @@ class Uplink:
         options: UplinkOptions | None = None,
         gap_state: Path | None = None,
         desired: Callable[[bytes], Any] | None = None,
+        credentials: CredentialSync | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.ident = ident
@@ -197,6 +209,9 @@ class Uplink:
         )
         self.lanes = CommandLanes(handlers or {}, self._reply)
         self._desired = desired
+        self.credentials = credentials
+        if credentials is not None:
+            credentials.on_change = self.status_changed
         self._thread: threading.Thread | None = None
         self._wake_pending = False
         self._stopping = False
@@ -223,6 +238,8 @@ class Uplink:
         as long as it likes: the reader decides and journals meanwhile)."""
         if self._thread is not None:
             return
+        if self.credentials is not None:
+            self.credentials.start()
         self._thread = threading.Thread(target=self._main, name="qrgate-uplink", daemon=True)
         self._thread.start()
         self.link.start()
@@ -253,6 +270,10 @@ class Uplink:
         if not self._wake_pending:
             self._wake_pending = True
             self._q.put(_WAKE)
+
+    def status_changed(self) -> None:
+        """What the status reports changed (another thread): publish it soon."""
+        self._q.put(_StatusNow())
 
     def on_scan(self, report: ScanReport) -> None:
         """ScanReport listener: remember the verdict and wake the forwarder."""
@@ -291,6 +312,8 @@ class Uplink:
             log.critical("uplink worker failed; the reader goes on without MQTT", exc_info=True)
             self.link.stop()
         finally:
+            if self.credentials is not None:
+                self.credentials.stop(STOP_ACK_S)
             self.outbox.close()
 
     def _serve(self) -> None:
@@ -370,6 +393,9 @@ class Uplink:
                     "arrive; check the broker's ACL",
                     ", ".join(item.failed),
                 )
+        elif isinstance(item, _StatusNow):
+            if self._gen is not None:
+                self._publish_status()
         elif isinstance(item, _Stop):
             self._stopping = True
 
@@ -381,6 +407,8 @@ class Uplink:
         subscriptions = [(t.command("+"), 1), (t.events_ack, 1)]
         if self._desired is not None:
             subscriptions.append((t.config_desired, 1))
+        if self.credentials is not None:
+            subscriptions += [(t.credentials_snapshot, 1), (t.site_credentials_snapshot, 1)]
         self._sub_mid = self.link.subscribe(gen, subscriptions)
         self._publish_status()
         if self.options.ha_discovery:
@@ -436,6 +464,14 @@ class Uplink:
             # the status published right after must already carry the outcome
             self._desired(payload)
             self._publish_status()
+            return
+        if self.credentials is not None and topic in (
+            t.credentials_snapshot,
+            t.site_credentials_snapshot,
+        ):
+            # handed over, never handled here: a download or a 100,000-entry build must not
+            # hold up PUBACKs and commands (field case C17)
+            self.credentials.offer(DEVICE if topic == t.credentials_snapshot else SITE, payload)
             return
         prefix = t.command("")
         if not topic.startswith(prefix):
@@ -539,6 +575,8 @@ class Uplink:
 
     def _shutdown(self) -> None:
         self.lanes.stop(STOP_ACK_S)
+        if self.credentials is not None:
+            self.credentials.stop(STOP_ACK_S)
         gen = self._gen
         if gen is not None:
             mid = self.link.publish(

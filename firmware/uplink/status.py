@@ -45,6 +45,7 @@ class ReaderState:
         self._verdict: dict[str, Any] | None = None
         self._verdict_gen = 0
         self._config: dict[str, Any] | None = None
+        self._credentials: dict[str, Any] | None = None
 
     def scan(self, report: ScanReport) -> None:
         """A decided scan (the scan thread, after feedback)."""
@@ -110,6 +111,17 @@ class ReaderState:
         with self._lock:
             return self._config
 
+    def credentials_outcome(self, outcome: dict[str, Any]) -> None:
+        """The credential snapshot's status (see :mod:`firmware.uplink.credentials`)."""
+        with self._lock:
+            self._credentials = dict(outcome)
+
+    @property
+    def credentials(self) -> dict[str, Any] | None:
+        """The last credential snapshot status, None when the reader has no snapshot sync."""
+        with self._lock:
+            return self._credentials
+
     def verdict(self) -> tuple[int, dict[str, Any] | None]:
         """(generation, the newest verdict payload or None); the generation grows per scan."""
         with self._lock:
@@ -144,9 +156,11 @@ def birth_status(
     """The retained status published on every connect (and on change, and on request).
 
     ``backlog``: unpublished journal rows (None when the journal cannot be read).
-    ``uplink``: counters (see :mod:`firmware.uplink.topics`).
+    ``uplink``: counters (see :mod:`firmware.uplink.topics`). ``credentials``: the credential
+    snapshot's status (:mod:`firmware.uplink.credentials`), present when the reader takes
+    snapshots.
     """
-    return {
+    status: dict[str, Any] = {
         "online": True,
         "device": ident.device,
         "site": ident.site,
@@ -161,6 +175,10 @@ def birth_status(
         "wall_ns": time.time_ns(),
         "uplink": uplink,
     }
+    credentials = state.credentials
+    if credentials is not None:
+        status["credentials"] = credentials
+    return status
 
 
 def status_payload(obj: dict[str, Any]) -> bytes:

@@ -45,7 +45,13 @@ topic (after the prefix)  direction    QoS    retained  payload
                                                         office wants (:mod:`firmware.uplink.
                                                         desired`); the outcome is the status's
                                                         ``"config"``
-``credentials/snapshot``  → reader     1      yes       reserved: the credentials issue
+``credentials/snapshot``  → reader     1      yes       the signed credential snapshot or
+                                                        delta (COSE_Sign1 bytes, not JSON), or
+                                                        a pointer ``{"version", "url",
+                                                        "sha256", "size"}`` to fetch it from
+                                                        (:mod:`firmware.uplink.credentials`);
+                                                        also site-wide, see below; the outcome
+                                                        is the status's ``"credentials"``
 ``ota/job``, ``ota/state``  both       1      yes       reserved: the OTA issue
 ========================  ===========  =====  ========  =========================================
 
@@ -69,6 +75,13 @@ Additions (version 1 still; readers of the table above need not know them):
 * ``telemetry`` also carries ``"backlog"`` (unpublished rows) and ``"in_flight"``.
 * A gap record's ``"seq"`` is its ``to_seq`` (it stands where the last dropped seq stood) and
   it also carries ``"wall_ns"`` (when the rows were dropped).
+* Credential snapshots for a whole site: ``qrgate/v1/<site>/_site/credentials/snapshot``
+  (:data:`SITE_WIDE`; device ids never start with ``_``), retained, QoS 1, the same payloads
+  as a reader's own ``credentials/snapshot``. A reader subscribes to both; the higher version
+  wins, and a lower one on the other topic is reported as ``"superseded"``, not refused.
+* ``status`` also carries ``"credentials": {"version", "issued_at", "applied_at", "source",
+  "deltas", "counts", "refused": {"version", "why", "reason", "at"} | null, "sources":
+  {"device" | "site": {"version", "state", "reason"?}}}`` (:mod:`firmware.uplink.credentials`).
 * Home Assistant MQTT discovery (opt-in), retained, under
   ``homeassistant/<component>/<node>/<object>/config`` with ``<node>`` = ``qrgate_<device>``:
   ``binary_sensor/<node>/online`` (from ``status``), ``sensor/<node>/last_verdict`` (from
@@ -91,6 +104,8 @@ MAX_MESSAGE_BYTES = 256 * 1024
 """Inbound messages larger than this are refused unread (a 1 MB command is hostile)."""
 
 COMMANDS = ("unlock", "reload_config", "report_status")
+SITE_WIDE = "_site"
+"""The device part of site-wide topics (``qrgate/v1/<site>/_site/...``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +155,22 @@ class Topics:
     @property
     def last_verdict(self) -> str:
         return f"{self.base}/last_verdict"
+
+    @property
+    def credentials_snapshot(self) -> str:
+        """``.../credentials/snapshot``: this reader's own snapshot."""
+        return f"{self.base}/credentials/snapshot"
+
+    @property
+    def site_credentials_snapshot(self) -> str:
+        """``qrgate/v1/<site>/_site/credentials/snapshot``: the site's snapshot."""
+        return site_credentials_topic(self.site)
+
+
+def site_credentials_topic(site: str) -> str:
+    """``qrgate/v1/<site>/_site/credentials/snapshot``: the snapshot every reader of ``site``
+    takes (see the module docstring)."""
+    return f"{PREFIX}/{site}/{SITE_WIDE}/credentials/snapshot"
 
 
 def ha_node(device: str) -> str:
