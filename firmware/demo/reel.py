@@ -28,6 +28,11 @@ F32 = npt.NDArray[np.float32]
 ALLOWED_BADGE = b"QRG-BADGE:alice-0001"
 REVOKED_BADGE = b"QRG-BADGE:bob-0002"
 UNKNOWN_BADGE = b"QRG-BADGE:mallory-0666"
+# the first accepted CCCD of the field cases (an invented person), shown at a check-in reader
+CHECKIN_CARD = (
+    "074085003417|280912345|Trần Văn Bình|14031985|Nam|"
+    "Tổ 3, Khu phố Mẫu, Phường Bình Hòa, Thuận An, Bình Dương|10052021"
+).encode()
 
 _QUIET = 4  # modules of quiet zone around every code, as the QR standard asks
 _SS = 2  # objects are drawn at twice the frame resolution, then box-filtered down
@@ -128,43 +133,100 @@ def code_frame(width: int, height: int, payload: bytes, seed: int) -> GrayImage:
 def write_demo_reel(
     folder: Path, *, width: int = 640, height: int = 480, fps: float = 30
 ) -> DemoReel:
-    """Write the ~15 s demo story as numbered PNG frames in ``folder`` (created if needed).
+    """Write the ~18 s demo story as numbered PNG frames in ``folder`` (created if needed).
 
     Idle 1 s; the allowed badge held 1 s; idle 1.8 s; the revoked badge; idle; an unknown code;
     idle; the allowed and the revoked badge together; idle; the allowed badge on a dark-mode
-    phone; idle. A hand is not still, so each held code takes 6 poses in turn; 12 noisy idle
-    frames are reused cyclically. Each distinct frame is written once and the repeats are hard
-    links to it (copies where the file system has none), which keeps the reel small on disk and
-    lets :class:`drivers.replay.ReplaySource` decode each distinct image once.
-    Old ``NNNNN.png`` files in ``folder`` are removed first; other files are left alone.
+    phone; idle; an ID card (CCCD) shown for check-in; idle. A hand is not still, so each held
+    code takes 6 poses in turn; 12 noisy idle frames are reused cyclically. Each distinct frame
+    is written once and the repeats are hard links to it (copies where the file system has
+    none), which keeps the reel small on disk and lets :class:`drivers.replay.ReplaySource`
+    decode each distinct image once. Old ``NNNNN.png`` files in ``folder`` are removed first;
+    other files are left alone. :func:`append_to_reel` tells more after it (the demo's
+    passes, which depend on the time of the run).
     """
+    rate = _rate(fps)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_frames(folder, 0)
+    segments = _write_story(
+        folder, _story(rate, _demo_codes(), lead=True), width, height, start=0, offset=0
+    )
+    return DemoReel(
+        folder=folder,
+        frames=segments[-1].last_frame + 1,
+        fps=rate,
+        width=width,
+        height=height,
+        segments=segments,
+    )
+
+
+def append_to_reel(
+    folder: Path,
+    start: int,
+    codes: Sequence[tuple[str, tuple[CodeSpec, ...]]],
+    *,
+    width: int = 640,
+    height: int = 480,
+    fps: float = 30,
+) -> list[Segment]:
+    """Replace the frames of ``folder`` from number ``start`` on with ``codes``, each held 1 s
+    and followed by 1.8 s of idle wall, as :func:`write_demo_reel` tells its story (same
+    wall, same sizes); returns their segments. ``start``: the frame count of the reel written
+    before (its last segment is idle). Raises ValueError for a negative ``start`` or an empty
+    ``codes``."""
+    rate = _rate(fps)
+    if start < 0 or not codes:
+        raise ValueError("append_to_reel needs start >= 0 and at least one code segment")
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_frames(folder, start)
+    story = _story(rate, codes, lead=False)
+    return _write_story(folder, story, width, height, start=start, offset=len(_demo_codes()) + 1)
+
+
+def _rate(fps: float) -> float:
     rate = float(fps)
     if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"fps must be > 0, got {fps!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+    return rate
+
+
+def _remove_frames(folder: Path, start: int) -> None:
     for old in folder.iterdir():
-        if _FRAME_NAME.match(old.name):
+        if _FRAME_NAME.match(old.name) and int(old.name[:5]) >= start:
             old.unlink()
 
+
+_Story = list[tuple[str, int, tuple[CodeSpec, ...]]]
+
+
+def _story(rate: float, codes: Sequence[tuple[str, tuple[CodeSpec, ...]]], *, lead: bool) -> _Story:
     hold = max(1, round(rate))
     gap = max(1, round(1.8 * rate))
-    story: list[tuple[str, int, tuple[CodeSpec, ...]]] = [("idle", hold, ())]
-    for label, specs in _demo_codes():
+    story: _Story = [("idle", hold, ())] if lead else []
+    for label, specs in codes:
         story += [(label, hold, specs), ("idle", gap, ())]
+    return story
 
+
+def _write_story(
+    folder: Path, story: _Story, width: int, height: int, *, start: int, offset: int
+) -> list[Segment]:
+    """Write ``story`` as frames ``start``, ``start + 1``...; ``offset``: added to the segment
+    number that seeds the hand poses, so appended codes are not posed like the first ones."""
     scene = _Scene(width, height, world=2024)
     idle_variants = 12
     poses = 6
     segments: list[Segment] = []
     written: dict[tuple[str, int], Path] = {}
-    index = 0
+    index = start
     idle_seen = 0
     for label, count, specs in story:
         first = index
         for k in range(count):
             if specs:
                 key = (label, k % poses)
-                seed = _mix(len(segments), k % poses)
+                seed = _mix(len(segments) + offset, k % poses)
             else:
                 key = ("idle", idle_seen % idle_variants)
                 seed = _mix(1000, idle_seen % idle_variants)
@@ -178,9 +240,7 @@ def write_demo_reel(
                 written[key] = path
             index += 1
         segments.append(Segment(label, first, index - 1, tuple(s.payload for s in specs)))
-    return DemoReel(
-        folder=folder, frames=index, fps=rate, width=width, height=height, segments=segments
-    )
+    return segments
 
 
 def _demo_codes() -> list[tuple[str, tuple[CodeSpec, ...]]]:
@@ -199,6 +259,7 @@ def _demo_codes() -> list[tuple[str, tuple[CodeSpec, ...]]]:
             "allowed_dark",
             (CodeSpec(ALLOWED_BADGE, dark_mode=True, scale=0.3, center=(0.5, 0.47), angle_deg=-5),),
         ),
+        ("id_card", (CodeSpec(CHECKIN_CARD, scale=0.42, center=(0.5, 0.5), angle_deg=4),)),
     ]
 
 

@@ -1,11 +1,14 @@
 """``qrgate demo``: the real daemon on an embedded default, with a live terminal view, its MQTT
 uplink and the reference back office.
 
-Writes a site key, a badge list (the demo's allowed badge on the allowlist, its revoked badge
-on the denylist), a config and, unless another reel or a webcam is given, a generated
-camera-like reel into a state folder. Then it starts a private mosquitto on a free loopback
-port (:class:`~firmware.demo.broker.LocalBroker`, its files in ``<state>/broker``) and the
-real ``qrgate ingest`` as a process of its own, storing into ``<state>/backoffice.db``; runs
+Writes a site key, a pass issuer key and its trust list, a badge list (the demo's allowed
+badge on the allowlist, its revoked badge on the denylist), a check-in reader's config and,
+unless another reel or a webcam is given, a generated camera-like reel (badges, an ID card,
+and passes signed for this run) into a state folder. The reader treats the host clock as
+synced, so the passes are judged as a synced reader judges them. Then it starts a private
+mosquitto on a free loopback port (:class:`~firmware.demo.broker.LocalBroker`, its files in
+``<state>/broker``) and the real ``qrgate ingest`` as a process of its own, storing into
+``<state>/backoffice.db``; runs
 the same :func:`build_reader` as ``qrgate run`` on gpiozero mock pins with ``[uplink]``
 pointed at that broker; and prints each verdict with the LED, buzzer and relay state, the
 uplink's state and backlog, and what the back office stored and acknowledged. Without
@@ -78,7 +81,13 @@ def run_demo(
                 ref, config.journal_path, state / BACKOFFICE_DB if ingest is not None else None
             )
             view = LiveView(console, ref, probe)
-            reader = build_reader(config, listeners=[view.on_scan], device_id=DEVICE)
+            # The demo treats the host clock as synced: it shows how a synced reader decides
+            # (passes are time-limited and would all be denied clock_untrusted otherwise),
+            # also in a container whose kernel reports its clock unsynced. A real reader
+            # (`qrgate run`) asks the kernel and keeps its clock.json floor instead.
+            reader = build_reader(
+                config, listeners=[view.on_scan], device_id=DEVICE, clock_synced=lambda: True
+            )
         except QrgateError as e:
             console.print(f"[red]qrgate demo: {escape(str(e))}[/]")
             return 2

@@ -177,7 +177,8 @@ class LiveView:
             f"frame→relay {r.frame_to_relay_ms:5.2f} ms" if r.frame_to_relay_ms is not None else ""
         )
         self.console.print(
-            f"{t:6.2f}s #{r.frame.seq:<4} {verdict} {d.reason!s:<14} {len(d.codes)} code"
+            f"{t:6.2f}s #{r.frame.seq:<4} {verdict} {d.reason!s:<14} {d.kind or '-':<13} "
+            f"{len(d.codes)} code"
             f"{'s' if len(d.codes) > 1 else ' '}  {self._states()}  "
             f"decode {r.decode_ms:4.2f} ms  {f2r}".rstrip(),
             highlight=False,
@@ -222,7 +223,9 @@ def print_header(
         )
     console.print(
         "[dim]badges: the demo's allowed badge is on the allowlist, its revoked "
-        "badge on the denylist; anything else is unknown. Ctrl-C stops.[/]",
+        "badge on the denylist; anything else is unknown. Passes: signed by the demo's "
+        "issuer key (issuer.key, trusted in trust.json) for this door; an ID card is a "
+        f"check-in ({config.reader.mode} mode). Ctrl-C stops.[/]",
         soft_wrap=True,
     )
 

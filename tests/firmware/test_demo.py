@@ -7,22 +7,49 @@ its growing backlog."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zxingcpp
 from PIL import Image
 
+from drivers.replay import load_gray
+from firmware.config import load_config
 from firmware.demo.backoffice import BACKOFFICE_DB
-from firmware.demo.prepare import DEVICE
-from firmware.demo.reel import ALLOWED_BADGE, UNKNOWN_BADGE, code_frame, idle_frames
+from firmware.demo.prepare import (
+    DEVICE,
+    DOOR,
+    ISSUER,
+    REEL_VERSION,
+    ROTATING_PERIOD_S,
+    SCREENSHOT_AGE_STEPS,
+    pass_codes,
+    prepare,
+)
+from firmware.demo.reel import (
+    ALLOWED_BADGE,
+    CHECKIN_CARD,
+    UNKNOWN_BADGE,
+    CodeSpec,
+    code_frame,
+    idle_frames,
+    make_scene,
+)
+from firmware.policy.cose import kid_of
+from firmware.policy.keys import generate_key, load_private_key, save_private_key
+from firmware.policy.passes import VerifiedCache, read_rotating, step_of
+from firmware.policy.trust import load_trust
 
 QRGATE = [sys.executable, "-m", "firmware.cli"]
 DEMO_TIMEOUT_S = 180.0  # an upper bound for a 7 s reel plus start and stop; never expected
@@ -256,3 +283,94 @@ def test_ctrl_c_stops_reader_then_ingest_then_broker(
         stored = {r[0] for r in db.execute("SELECT event_id FROM events WHERE kind = 'scan'")}
     assert scans and stored == set(scans)
     assert "Traceback" not in err
+
+
+def journal_outcomes(state: Path) -> list[tuple[str, str, str, dict[str, object]]]:
+    """(credential kind, decision, reason, detail) of every scan row, in seq order."""
+    with sqlite3.connect(f"file:{state / 'journal.db'}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT credential_kind, decision, reason, detail FROM events "
+            "WHERE kind = 'scan' ORDER BY seq"
+        ).fetchall()
+    return [(str(k), str(d), str(r), json.loads(x)) for k, d, r, x in rows]
+
+
+def test_demo_decides_passes_and_an_id_card_check_in(state: Path, tmp_path: Path) -> None:
+    """The passes the demo signs for this run, and the README's CCCD, through the real
+    daemon: the demo's issuer key (kept in the state folder) is what prepare trusts."""
+    state.mkdir()
+    key = generate_key()
+    save_private_key(state / "issuer.key", key)
+    codes = pass_codes(key, int(time.time()))
+    story = list(codes)
+    story.insert(0, ("id_card", (CodeSpec(CHECKIN_CARD, scale=0.42),)))
+    folder = tmp_path / "reel"
+    folder.mkdir()
+    idle = idle_frames(640, 480, 4, seed=5)
+    index = 0
+    for n, (_, specs) in enumerate(story):
+        for k in range(4):
+            Image.fromarray(idle[k]).save(folder / f"{index:05d}.png", compress_level=1)
+            index += 1
+        for k in range(HOLD_FRAMES):
+            image = make_scene(640, 480, codes=specs, seed=100 * n + k % 2)
+            Image.fromarray(image).save(folder / f"{index:05d}.png", compress_level=1)
+            index += 1
+    Image.fromarray(idle[0]).save(folder / f"{index:05d}.png", compress_level=1)
+
+    done = run_demo(state, folder, tmp_path, QRGATE_MOSQUITTO=str(tmp_path / "no-mosquitto"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = journal_outcomes(state)
+    assert [(k, d, r) for k, d, r, _ in rows] == [
+        ("id_card", "granted", "granted"),
+        ("signed_pass", "granted", "granted"),
+        ("signed_pass", "denied", "expired"),
+        ("rotating_pass", "granted", "granted"),
+        ("rotating_pass", "denied", "stale_code"),
+    ], done.stdout
+    # the check-in keeps the masked name, birth year and ID HMAC, nothing else of the card
+    person = rows[0][3]["person"]
+    assert isinstance(person, dict) and set(person) == {"id_hmac", "name_masked", "birth_year"}
+    assert person["name_masked"] == "Trần V** B**" and person["birth_year"] == 1985
+    assert re.fullmatch(r"[0-9a-f]{64}", str(person["id_hmac"]))
+    dump = json.dumps([r[3] for r in rows], ensure_ascii=False)
+    for secret in ("074085003417", "280912345", "Văn Bình", "Bình Dương", "14031985"):
+        assert secret not in dump
+    # the passes were checked against the key the test put there (prepare kept it)
+    kid = kid_of(key.public_key()).hex()
+    assert {r[3]["kid"] for r in rows[1:]} == {kid}
+    assert {r[3]["iss"] for r in rows[1:]} == {ISSUER}
+    live, stale = rows[3][3]["step"], rows[4][3]["step"]
+    assert isinstance(live, int) and stale == live - SCREENSHOT_AGE_STEPS
+    assert " expired " in done.stdout and " stale_code " in done.stdout
+
+
+def test_prepare_keeps_keys_and_badges_and_renders_fresh_passes(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = load_config(prepare(state, reel=None, camera=None, fps=30))
+    assert (config.reader.mode, config.reader.door) == ("checkin", DOOR)
+    assert config.policy.trust == state / "trust.json"
+    for name in ("issuer.key", "site.key"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    key = load_private_key(state / "issuer.key")
+    trust = load_trust(state / "trust.json")
+    assert [k.iss for k in trust.values()] == [ISSUER] and kid_of(key.public_key()) in trust
+    folder = state / "reel"
+    version, frames = (folder / ".reel-version").read_text().split()
+    assert (version, frames) == (REEL_VERSION, "534")
+    first = sorted(folder.glob("*.png"))
+    pass_tail = [p.read_bytes() for p in first[534:]]
+    assert len(first) == 534 + 4 * (30 + 54)
+
+    prepare(state, reel=None, camera=None, fps=30)
+    again = sorted(folder.glob("*.png"))
+    assert kid_of(load_private_key(state / "issuer.key").public_key()) == kid_of(key.public_key())
+    # the badge part is the cached files; the pass part was signed and drawn again
+    assert [p.stat().st_ino for p in again[:534]] == [p.stat().st_ino for p in first[:534]]
+    assert len(again) == len(first) and [p.read_bytes() for p in again[534:]] != pass_tail
+    # the live rotating code is for now's step, within the reader's skew, for this door
+    held = again[534 + 2 * 84]
+    (text,) = [b.bytes for b in zxingcpp.read_barcodes(load_gray(held))]
+    code = read_rotating(text, trust, VerifiedCache())
+    assert abs(code.step - step_of(time.time(), ROTATING_PERIOD_S)) <= 1
+    assert code.door == DOOR and code.pass_.claims.period_s == ROTATING_PERIOD_S

@@ -13,9 +13,11 @@ from drivers.frames import GrayImage
 from drivers.replay import ReplaySource, load_gray
 from firmware.demo.reel import (
     ALLOWED_BADGE,
+    CHECKIN_CARD,
     REVOKED_BADGE,
     UNKNOWN_BADGE,
     CodeSpec,
+    append_to_reel,
     code_frame,
     idle_frames,
     make_scene,
@@ -113,7 +115,7 @@ def distinct_files(folder: Path) -> dict[tuple[int, int], Path]:
 def test_demo_reel_tells_the_story(tmp_path: Path) -> None:
     reel = write_demo_reel(tmp_path / "reel")
     assert (reel.width, reel.height, reel.fps) == (640, 480, 30.0)
-    assert reel.frames == 450  # 15 s at 30 fps
+    assert reel.frames == 534  # 17.8 s at 30 fps
     labels = [s.label for s in reel.segments]
     assert labels == [
         "idle",
@@ -127,6 +129,8 @@ def test_demo_reel_tells_the_story(tmp_path: Path) -> None:
         "idle",
         "allowed_dark",
         "idle",
+        "id_card",
+        "idle",
     ]
     assert reel.segments[0].first_frame == 0 and reel.segments[-1].last_frame == reel.frames - 1
     for before, after in zip(reel.segments, reel.segments[1:], strict=False):
@@ -137,6 +141,8 @@ def test_demo_reel_tells_the_story(tmp_path: Path) -> None:
     assert by_label["unknown"].payloads == (reel.unknown,)
     assert sorted(by_label["two_codes"].payloads) == sorted([reel.allowed, reel.revoked])
     assert by_label["allowed_dark"].payloads == (reel.allowed,)
+    assert by_label["id_card"].payloads == (CHECKIN_CARD,)
+    assert CHECKIN_CARD.decode().startswith("074085003417|280912345|Trần Văn Bình|14031985|")
     held = by_label["allowed"]
     assert held.last_frame - held.first_frame + 1 == 30  # held ~1 s
     assert len({reel.allowed, reel.revoked, reel.unknown}) == 3
@@ -153,7 +159,7 @@ def test_every_demo_frame_reads_as_its_segment_says(tmp_path: Path) -> None:
     files = sorted((tmp_path / "reel").iterdir())
     assert [p.name for p in files] == [f"{i:05d}.png" for i in range(reel.frames)]
     distinct = distinct_files(tmp_path / "reel")
-    assert len(distinct) <= 12 + 5 * 6  # idle frames and hand poses are written once each
+    assert len(distinct) <= 12 + 6 * 6  # idle frames and hand poses are written once each
     decoded: dict[tuple[int, int], list[bytes]] = {}
     for key, path in distinct.items():
         decoded[key] = payloads(load_gray(path))
@@ -167,7 +173,7 @@ def test_every_demo_frame_reads_as_its_segment_says(tmp_path: Path) -> None:
 
 def test_demo_reel_replays_through_the_frame_source(tmp_path: Path) -> None:
     reel = write_demo_reel(tmp_path / "reel", width=320, height=240, fps=10)
-    assert reel.frames == 150
+    assert reel.frames == 10 + 6 * (10 + 18)
     with (src := ReplaySource(reel.folder, fps=0)):
         n = 0
         while (frame := src.read()) is not None:
@@ -198,3 +204,29 @@ def test_frames_without_hard_links_are_copied(
     files = sorted((tmp_path / "reel").iterdir())
     assert len(files) == reel.frames
     assert all(p.stat().st_nlink == 1 for p in files)
+
+
+def test_appended_segments_replace_the_tail_and_read_back(tmp_path: Path) -> None:
+    folder = tmp_path / "reel"
+    reel = write_demo_reel(folder, width=320, height=240, fps=5)
+    head = [(p.name, p.stat().st_ino) for p in sorted(folder.glob("*.png"))]
+    long_code = b"QG1:" + b"0123456789ABCDEF" * 14  # a pass-sized payload, 228 bytes
+    first = [("pass", (CodeSpec(long_code, scale=0.5),))]
+    append_to_reel(folder, reel.frames, first, width=320, height=240, fps=5)
+    second = [("other", (CodeSpec(UNKNOWN_BADGE, scale=0.5),)), ("pass", first[0][1])]
+    segments = append_to_reel(folder, reel.frames, second, width=320, height=240, fps=5)
+    assert [(s.label, s.first_frame, s.last_frame) for s in segments] == [
+        ("other", reel.frames, reel.frames + 4),
+        ("idle", reel.frames + 5, reel.frames + 13),
+        ("pass", reel.frames + 14, reel.frames + 18),
+        ("idle", reel.frames + 19, reel.frames + 27),
+    ]
+    files = sorted(folder.glob("*.png"))
+    # the earlier part is untouched (same files), the tail is the second append's only
+    assert [(p.name, p.stat().st_ino) for p in files[: reel.frames]] == head
+    assert [p.name for p in files] == [f"{i:05d}.png" for i in range(reel.frames + 28)]
+    for seg in segments:
+        for i in (seg.first_frame, seg.last_frame):
+            assert payloads(load_gray(files[i])) == sorted(seg.payloads), (seg.label, i)
+    with pytest.raises(ValueError, match="start >= 0"):
+        append_to_reel(folder, reel.frames, [])
