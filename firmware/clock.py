@@ -114,6 +114,7 @@ class ClockTrust:
     the clock is still trusted. ``floor_s()`` is a lower bound for the true time: the newest
     wall time ever seen while synced (persisted), so an unsynced clock that reads earlier is
     known to be behind, and a pass that expired before the floor is known to be expired.
+    ``read_only``: read the record, never write it (tools that inspect a reader's view).
     """
 
     def __init__(
@@ -126,9 +127,11 @@ class ClockTrust:
         ttl_s: float = 10.0,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         self._probe = probe or KernelClock()
         self._file, self._boot = state_file, boot_id
+        self._read_only = read_only
         self._holdover, self._ttl = holdover_s, ttl_s
         self._mono, self._wall = monotonic, wall
         self._lock = threading.Lock()
@@ -157,7 +160,11 @@ class ClockTrust:
         return wall_s, mono_s, boot
 
     def _persist(self, wall_s: float, mono_s: float) -> None:
-        if self._file is None or mono_s - self._persisted_mono < _PERSIST_EVERY_S:
+        if (
+            self._file is None
+            or self._read_only
+            or mono_s - self._persisted_mono < _PERSIST_EVERY_S
+        ):
             return
         self._persisted_mono = mono_s
         doc = {"wall_ns": int(wall_s * 1e9), "mono_ns": int(mono_s * 1e9), "boot_id": self._boot}

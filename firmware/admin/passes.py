@@ -348,14 +348,6 @@ def draw_qr(text: bytes, out: TextIO) -> None:
 # --- inspecting -------------------------------------------------------------------------------
 
 
-class _ReadOnlyClockTrust(ClockTrust):
-    """The daemon's clock trust, reading its last-sync record but never writing it: an
-    inspection must not change what the reader will believe after its next reboot."""
-
-    def _persist(self, wall_s: float, mono_s: float) -> None:
-        return
-
-
 def reader_clock(
     state_dir: Path | None,
     holdover_s: float = 24 * 3600.0,
@@ -365,11 +357,13 @@ def reader_clock(
     ``probe``), this boot's id, the persisted last sync as holdover and floor. Read only."""
     from firmware.journal.ids import boot_id
 
-    return _ReadOnlyClockTrust(
+    # an inspection must not change what the reader will believe after its next reboot
+    return ClockTrust(
         probe,
         state_file=state_dir / CLOCK_FILE if state_dir is not None else None,
         boot_id=boot_id(),
         holdover_s=holdover_s,
+        read_only=True,
     )
 
 
