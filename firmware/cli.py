@@ -126,11 +126,12 @@ def config_group() -> None:
 def config_check(file: Path) -> None:
     """Validate FILE (and the key and credential files it names); exit 0 if it is usable."""
     from firmware.config import load_config
-    from firmware.daemon import link_settings, make_policy
+    from firmware.daemon import link_settings, make_policy, make_snapshot_store
 
     try:
         config = load_config(file)
         creds = make_policy(config).credentials
+        make_snapshot_store(config)  # the snapshot key file, as `qrgate run` loads it
         if config.uplink.enabled:
             link_settings(config, "config-check")  # TLS files and the password file
     except QrgateError as e:
