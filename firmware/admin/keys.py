@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +35,13 @@ import click
 
 from firmware.exceptions import CredentialListError, KeyFileError
 from firmware.policy.cose import ALG_IDS
-from firmware.policy.keys import generate_key, load_public_key, save_private_key, save_public_key
+from firmware.policy.keys import (
+    generate_key,
+    load_public_key,
+    save_private_key,
+    save_public_key,
+)
+from firmware.policy.keys import write_file_atomic as write_file
 from firmware.policy.trust import (
     MAX_ISS_CHARS,
     IssuerKey,
@@ -91,38 +96,6 @@ def parse_time(text: str, now_s: int) -> int:
     if not 0 <= seconds <= MAX_SECONDS:
         raise ValueError(f"{text!r:.60} is outside the years 1970-9999")
     return seconds
-
-
-def write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` whole or not at all, with ``mode`` from the start (the temp
-    file is created 0600 and chmod-ed before any byte is written), fsynced.
-
-    Without ``overwrite`` the file is put in place with a hard link, which fails if the path
-    exists, so two writers racing for one name cannot replace each other's key. Raises
-    KeyFileError (the path exists without ``overwrite``, or an OS error)."""
-    path = Path(path)
-    if not overwrite and os.path.lexists(path):
-        raise KeyFileError(f"{path}: already exists; not overwriting it")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    except FileExistsError:
-        raise KeyFileError(f"{path}: already exists; not overwriting it") from None
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _trust_json(trust: TrustList) -> bytes:

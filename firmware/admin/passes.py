@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import secrets
 import shutil
 import stat
@@ -50,7 +49,7 @@ from firmware.clock import ClockTrust
 from firmware.exceptions import KeyFileError, PassError, QrgateError
 from firmware.policy.context import Check, CredentialKind
 from firmware.policy.cose import ALG_NAMES, PrivateKey, decode_cbor, parse_sign1
-from firmware.policy.keys import load_private_key
+from firmware.policy.keys import load_private_key, read_regular
 from firmware.policy.passes import (
     DEFAULT_PERIOD_S,
     MAX_CLAIM_CHARS,
@@ -228,26 +227,12 @@ def save_wallet(path: Path, issued: IssuedPass) -> None:
 
 def _read_private_file(path: Path, cap: int) -> bytes:
     """The bytes of a regular file readable by its owner only, at most ``cap``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"{path}: holds a private key, so it must be readable by its owner only "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}"
-            )
-        data = os.read(fd, cap + 1)
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > cap:
-        raise KeyFileError(f"{path}: larger than {cap} bytes; not a wallet")
+    data, mode = read_regular(path, cap)
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{path}: holds a private key, so it must be readable by its owner only "
+            f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+        )
     return data
 
 

@@ -44,12 +44,16 @@ def public_key_pem(key: PrivateKey | PublicKey) -> bytes:
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` whole or not at all, created with ``mode`` (never wider
-    for a moment: mkstemp creates 0600), synced to disk."""
+def write_file_atomic(path: Path | str, data: bytes, mode: int, *, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` whole or not at all, with ``mode`` from the start (mkstemp
+    creates 0600; chmod before any byte), fsynced, the folder fsynced after the rename.
+
+    Without ``overwrite`` the file is put in place with a hard link, which fails if the path
+    exists, so two writers racing for one name cannot replace each other's key. Raises
+    KeyFileError (the path exists without ``overwrite``, or an OS error)."""
     path = Path(path)
     if not overwrite and os.path.lexists(path):
-        raise KeyFileError(f"{path}: already exists; refusing to replace a key file")
+        raise KeyFileError(f"{path}: already exists; not overwriting it")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -60,19 +64,22 @@ def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
         # the rename itself must survive a power cut, or the key is lost after a reboot
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: already exists; not overwriting it") from None
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise KeyFileError(f"{path}: cannot write: {e.strerror or e}") from None
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_private_key(path: Path | str, key: PrivateKey, *, overwrite: bool = False) -> None:
@@ -86,7 +93,7 @@ def save_private_key(path: Path | str, key: PrivateKey, *, overwrite: bool = Fal
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(Path(path), pem, 0o600, overwrite)
+    write_file_atomic(path, pem, 0o600, overwrite=overwrite)
 
 
 def save_public_key(
@@ -95,11 +102,11 @@ def save_public_key(
     """Write the SubjectPublicKeyInfo PEM of ``key`` (mode 0644), atomically. Raises
     KeyFileError; ValueError for an unsupported key type."""
     alg_of(key)
-    _write_atomic(Path(path), public_key_pem(key), 0o644, overwrite)
+    write_file_atomic(path, public_key_pem(key), 0o644, overwrite=overwrite)
 
 
-def _read_regular(path: Path) -> tuple[bytes, int]:
-    """The bytes (at most MAX_KEY_FILE_BYTES) and mode of the regular file at ``path``.
+def read_regular(path: Path, cap: int = MAX_KEY_FILE_BYTES) -> tuple[bytes, int]:
+    """The bytes (at most ``cap``) and mode of the regular file at ``path``.
 
     O_NONBLOCK so a FIFO in its place cannot hang the caller; fstat on the open file so the
     mode checked is the mode of the bytes read. Raises KeyFileError."""
@@ -112,13 +119,13 @@ def _read_regular(path: Path) -> tuple[bytes, int]:
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
+            data = f.read(cap + 1)
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE_BYTES} bytes; not a key file")
+    if len(data) > cap:
+        raise KeyFileError(f"{path}: larger than {cap} bytes; not a key file")
     return data, st.st_mode
 
 
@@ -129,7 +136,7 @@ def load_private_key(path: Path | str) -> PrivateKey:
     by group or others (must be 0600 or stricter), not a PEM private key, passphrase
     protected, or another kind of key."""
     path = Path(path)
-    data, mode = _read_regular(path)
+    data, mode = read_regular(path)
     if mode & 0o077:
         raise KeyFileError(
             f"{path}: a private key must be readable by its owner only "
@@ -155,7 +162,7 @@ def load_public_key(path: Path | str) -> PublicKey:
 
     Raises KeyFileError if unreadable, not a PEM public key or another kind of key."""
     path = Path(path)
-    data, _ = _read_regular(path)
+    data, _ = read_regular(path)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
