@@ -9,19 +9,19 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from drivers.exceptions import DriverError
 from firmware import __version__
+from firmware.backoffice.options import broker_options, mqtt_settings
 from firmware.exceptions import ConfigError, CredentialListError, QrgateError
 
 if TYPE_CHECKING:
-    from firmware.backoffice.mqtt import MqttSettings
+    pass
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -457,61 +457,8 @@ def demo(
 
 # -- the reference back office ------------------------------------------------------------
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _broker_options(f: _F) -> _F:
-    """--broker and the TLS/login options of the back-office commands."""
-    options = [
-        click.option(
-            "--broker",
-            required=True,
-            metavar="HOST[:PORT]",
-            help="MQTT broker; also mqtt://HOST:PORT or mqtts://HOST:PORT.",
-        ),
-        click.option("--tls", is_flag=True, help="TLS (implied by --cafile or --certfile)."),
-        click.option(
-            "--cafile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="CA certificate (PEM) for the broker [default: the system's].",
-        ),
-        click.option(
-            "--certfile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="Client certificate (PEM) when the broker asks for one.",
-        ),
-        click.option(
-            "--keyfile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="Client key (PEM) for --certfile.",
-        ),
-        click.option("--username", help="MQTT username."),
-        click.option(
-            "--password",
-            envvar="QRGATE_MQTT_PASSWORD",
-            help="MQTT password (better: $QRGATE_MQTT_PASSWORD).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _mqtt_settings(opts: dict[str, Any]) -> MqttSettings:
-    from firmware.backoffice.mqtt import MqttSettings
-
-    try:
-        return MqttSettings.parse(
-            opts["broker"],
-            tls=opts["tls"],
-            ca_file=opts["cafile"],
-            cert_file=opts["certfile"],
-            key_file=opts["keyfile"],
-            username=opts["username"],
-            password=opts["password"],
-        )
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--broker") from None
+_broker_options = broker_options
+_mqtt_settings = mqtt_settings
 
 
 @main.command()

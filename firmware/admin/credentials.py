@@ -19,12 +19,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 
+from firmware.backoffice.options import broker_options, mqtt_settings
 from firmware.exceptions import CredentialListError, KeyFileError, SnapshotError
 from firmware.policy import cose
 from firmware.policy.credentials import CredentialSet, read_json_file
@@ -42,8 +42,6 @@ from firmware.policy.snapshot import (
 from firmware.policy.trust import seconds_to_rfc3339
 from firmware.uplink.credentials import FetchOptions, fetch_snapshot, parse_pointer
 from firmware.uplink.topics import Topics
-
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 PUBLISH_TIMEOUT_S = 30.0
 BIG_MESSAGE_BYTES = 1024 * 1024
@@ -385,46 +383,9 @@ def show(*, file: Path, key_path: Path | None, as_json: bool) -> None:
 _META = ("version", "source", "issued_at")
 
 
-def _broker_options(f: _F) -> _F:
-    """--broker and the TLS and login options, as the back office's commands take them."""
-    options = [
-        click.option(
-            "--broker",
-            required=True,
-            metavar="HOST[:PORT]",
-            help="MQTT broker; also mqtt://HOST:PORT or mqtts://HOST:PORT.",
-        ),
-        click.option("--tls", is_flag=True, help="TLS (implied by --cafile or --certfile)."),
-        click.option(
-            "--cafile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="CA certificate (PEM) for the broker [default: the system's].",
-        ),
-        click.option(
-            "--certfile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="Client certificate (PEM) when the broker asks for one.",
-        ),
-        click.option(
-            "--keyfile",
-            type=click.Path(path_type=Path, exists=True, dir_okay=False),
-            help="Client key (PEM) for --certfile.",
-        ),
-        click.option("--username", help="MQTT username."),
-        click.option(
-            "--password",
-            envvar="QRGATE_MQTT_PASSWORD",
-            help="MQTT password (better: $QRGATE_MQTT_PASSWORD).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 @credentials.command("publish")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@_broker_options
+@broker_options
 @click.option("--site", required=True, help="The readers' site ([uplink] site).")
 @click.option("--device", help="Publish to this one reader (its device id).")
 @click.option("--site-wide", is_flag=True, help="Publish to every reader of the site.")
@@ -460,8 +421,6 @@ def publish(file: Path, **opts: Any) -> None:
     higher version of the two. Readers report the outcome in their status ("credentials"):
     see `qrgate fleet status`.
     """
-    from firmware.backoffice.mqtt import MqttSettings
-
     device, site_wide, url = opts["device"], opts["site_wide"], opts["url"]
     if (device is None) == (not site_wide):
         raise click.UsageError("give exactly one of --device DEVICE and --site-wide")
@@ -501,18 +460,7 @@ def publish(file: Path, **opts: Any) -> None:
             "the file on a web server and publish with --url",
             err=True,
         )
-    try:
-        settings = MqttSettings.parse(
-            opts["broker"],
-            tls=opts["tls"],
-            ca_file=opts["cafile"],
-            cert_file=opts["certfile"],
-            key_file=opts["keyfile"],
-            username=opts["username"],
-            password=opts["password"],
-        )
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--broker") from None
+    settings = mqtt_settings(opts)
     error = _publish_retained(settings, topic, payload, opts["timeout"])
     if error:
         _fail(error, 3)
