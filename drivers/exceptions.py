@@ -32,3 +32,8 @@ class FeedbackError(DriverError):
 
 class DeviceClosedError(DriverError):
     """The output device was closed: the call did nothing; create a new device to drive it again."""
+
+
+class DoorInputError(DriverError):
+    """A door input (door contact, request-to-exit, tamper) could not be created on its pin:
+    check ``[doors]`` pin numbers and that no other device or process holds the line; give up."""

@@ -32,6 +32,17 @@ DENY_TONES: tuple[Tone, ...] = (Tone(400.0, 0.15, 0.15),) * 3
 FAULT_TONES: tuple[Tone, ...] = (Tone(250.0, 1.0),)
 """Entering the fault state: one long low tone, 250 Hz for 1 s."""
 
+CONFIRM_TONES: tuple[Tone, ...] = (
+    Tone(1000.0, 0.15, 0.05),
+    Tone(1500.0, 0.15, 0.05),
+    Tone(2000.0, 0.3),
+)
+"""Configuration confirmed (the reader was provisioned): three rising beeps, 1, 1.5 and
+2 kHz, unlike any verdict's sound."""
+
+CONFIRM_BLINK = (0.1, 0.1, 3)
+"""Confirmation light: green on s, blue off s, count (ends within :data:`CONFIRM_TONES`)."""
+
 DENY_BLINK = (0.15, 0.15, 3)
 """Denied light: red on s, off s, count (as long as :data:`DENY_TONES`)."""
 
@@ -65,6 +76,7 @@ class Feedback:
     Idle states (the light shows one until a verdict pattern, then returns to it):
     :meth:`ready` steady blue, :meth:`offline` slow red blink, :meth:`fault` fast red/amber
     blink plus a long low tone when entered. Verdicts: :meth:`granted`, :meth:`denied`.
+    Provisioning: :meth:`confirmed` (no relay); a refused code shows :meth:`denied`.
 
     Every method returns at once and never raises. A failing light or buzzer is logged once
     per kind of failure and counted in :attr:`errors`; a failing relay is logged every time.
@@ -125,7 +137,8 @@ class Feedback:
 
     @property
     def pattern(self) -> str | None:
-        """``"granted"`` or ``"denied"`` from the call until its pattern ended, else ``None``."""
+        """``"granted"``, ``"denied"`` or ``"confirmed"`` from the call until its pattern
+        ended, else ``None``."""
         with self._cond:
             return self._active
 
@@ -180,6 +193,13 @@ class Feedback:
     def denied(self) -> None:
         """Blink red three times with three 400 Hz beeps, then return to the idle state."""
         self._post(_Command("pattern", "denied", pattern_seconds(DENY_TONES)))
+
+    def confirmed(self) -> None:
+        """Blink green/blue three times with three rising beeps, then return to the idle state.
+
+        The reader's own settings were accepted (provisioning done): never touches the relay,
+        so unlike :meth:`granted` it cannot open the door. Pattern name ``"confirmed"``."""
+        self._post(_Command("pattern", "confirmed", pattern_seconds(CONFIRM_TONES)))
 
     def wait_settled(self, timeout_s: float) -> bool:
         """Block until every call so far was shown, no verdict pattern runs and the door is
@@ -275,6 +295,12 @@ class Feedback:
         if name == "granted":
             self._light_do("show", lambda light: light.show("green"))
             self._play(GRANT_TONES)
+        elif name == "confirmed":
+            on_s, off_s, n = CONFIRM_BLINK
+            self._light_do(
+                "blink", lambda light: light.blink("green", on_s, off_s, n, off_color="blue")
+            )
+            self._play(CONFIRM_TONES)
         else:
             on_s, off_s, n = DENY_BLINK
             self._light_do("blink", lambda light: light.blink("red", on_s, off_s, n))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -66,3 +66,20 @@ class FrameSource(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@runtime_checkable
+class Focusable(Protocol):
+    """A camera whose focus can be re-run on demand (a lens with autofocus)."""
+
+    def focus_cycle(self) -> None:
+        """Start one autofocus cycle and return at once. Never raises because the camera has no
+        autofocus or is closed: that is a no-op."""
+
+
+@runtime_checkable
+class Snapshotting(Protocol):
+    """A camera that can hand over a full-size colour frame besides its gray frames."""
+
+    def snapshot(self) -> npt.NDArray[np.uint8]:
+        """The next full-size frame of the main stream: HxWx3 uint8, RGB order."""

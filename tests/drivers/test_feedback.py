@@ -12,7 +12,14 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from drivers.buzzer import Beeper, Tone
-from drivers.feedback import DENY_BLINK, FAULT_TONES, OFFLINE_BLINK, Feedback
+from drivers.feedback import (
+    CONFIRM_BLINK,
+    CONFIRM_TONES,
+    DENY_BLINK,
+    FAULT_TONES,
+    OFFLINE_BLINK,
+    Feedback,
+)
 from drivers.light import StatusLight
 from drivers.pins import LevelKeepingMockPWMPin
 from drivers.relay import DoorRelay
@@ -175,6 +182,32 @@ def test_denied_blinks_red_three_times_with_three_400hz_beeps(factory: Any) -> N
         assert rgb(factory) == (0.0, 0.0, 1.0)
         assert relay.pulse_count == 0
         assert factory.pin(RELAY).state == 0
+
+
+def test_confirmed_blinks_green_with_three_rising_beeps_and_never_touches_the_relay(
+    factory: Any,
+) -> None:
+    fb, _, beeper, relay = build(factory)
+    with fb:
+        fb.ready()
+        assert fb.wait_settled(10)
+        green, buzzer, relay_pin = factory.pin(G), factory.pin(BUZZER), factory.pin(RELAY)
+        for p in (green, buzzer, relay_pin):
+            p.reset_history()
+        fb.confirmed()
+        assert fb.pattern == "confirmed"
+        assert fb.wait_settled(10)
+        assert beeper.wait_silent(10)
+        on_s, _, n = CONFIRM_BLINK
+        greens = durations(green)
+        assert len(greens) == n
+        assert all(on_s - EARLY_S <= d <= on_s + LATE_S for d in greens)
+        assert tones(buzzer) == [1000.0, None, 1500.0, None, 2000.0, None]
+        assert [t.freq_hz for t in CONFIRM_TONES] == [1000.0, 1500.0, 2000.0]
+        assert rgb(factory) == (0.0, 0.0, 1.0)
+        assert relay.pulse_count == 0
+        assert relay_pin.writes == []
+        assert relay_pin.state == 0
 
 
 def test_offline_is_a_slow_red_blink_and_returns_after_a_verdict(factory: Any) -> None:
