@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from drivers.frames import Frame, FrameSource  # noqa: E402
 from drivers.pins import make_pin_factory  # noqa: E402
 from drivers.replay import ReplaySource  # noqa: E402
 from firmware.config import Config, parse_config  # noqa: E402
@@ -191,23 +194,9 @@ def bench_idle_cpu(rows: list[Row], seconds: float) -> None:
     """The real daemon (subprocess) on an idle 1280x720 scene with camera noise at 30 fps."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        reel = folder / "reel"
-        reel.mkdir()
-        for i, f in enumerate(idle_frames(1280, 720, 30, seed=3)):
-            _write(reel, f"{i:03d}.png", f)
-        (folder / "qrgate.toml").write_text(f"""
-[reader]
-state_dir = "{folder / "state"}"
-[camera]
-source = "replay"
-path = "{reel}"
-fps = 30
-loop = true
-[gpio]
-pin_factory = "mock"
-""")
+        cfg = _idle_config(folder, 1280, 720)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "firmware.cli", "run", "--config", str(folder / "qrgate.toml")],
+            [sys.executable, "-m", "firmware.cli", "run", "--config", str(cfg)],
             stderr=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             cwd=REPO,
@@ -230,6 +219,177 @@ pin_factory = "mock"
                 cpu <= 5.0,
             )
         )
+
+
+def _idle_config(folder: Path, width: int, height: int) -> Path:
+    """A daemon config on a looping idle reel (camera noise, no code) of ``width`` x
+    ``height`` at 30 fps, mock pins, no MQTT."""
+    reel = folder / "reel"
+    reel.mkdir()
+    for i, f in enumerate(idle_frames(width, height, 30, seed=3)):
+        _write(reel, f"{i:03d}.png", f)
+    cfg = folder / "qrgate.toml"
+    cfg.write_text(f"""
+[reader]
+state_dir = "{folder / "state"}"
+[camera]
+source = "replay"
+path = "{reel}"
+fps = 30
+loop = true
+[gpio]
+pin_factory = "mock"
+""")
+    return cfg
+
+
+def _notify_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+def _wait_ready(sock: socket.socket, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return False
+        if b"READY=1" in data.split(b"\n"):
+            return True
+    return False
+
+
+def _vm_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_service(rows: list[Row], starts: int, steady_s: float) -> None:
+    """The daemon as systemd runs it: process start to READY=1 (a real notification socket,
+    a replay camera), and its resident memory once it has run a while."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        cfg = _idle_config(folder, 640, 480)
+        times: list[float] = []
+        rss_mb = peak_mb = 0.0
+        for i in range(starts):
+            path = folder / f"notify-{i}"
+            sock = _notify_socket(path)
+            env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "10000000"}
+            t0 = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "firmware.cli", "run", "--config", str(cfg)],
+                stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                cwd=REPO,
+                env=env,
+            )
+            try:
+                if not _wait_ready(sock, 60):
+                    raise SystemExit("bench: the daemon never sent READY=1")
+                times.append(time.monotonic() - t0)
+                if i == starts - 1:  # the last one runs on: its steady-state memory
+                    time.sleep(steady_s)
+                    rss_mb = _vm_kb(proc.pid, "VmRSS") / 1024
+                    peak_mb = _vm_kb(proc.pid, "VmHWM") / 1024
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                sock.close()
+    rows.append(
+        (
+            "service",
+            f"process start to READY=1, replay camera (median / max of {starts})",
+            f"{statistics.median(times):.2f} / {max(times):.2f} s",
+            "≤ 1.5 s",
+            max(times) <= 1.5,
+        )
+    )
+    rows.append(
+        (
+            "service",
+            f"daemon RSS after {steady_s:.0f} s at 30 fps (peak)",
+            f"{rss_mb:.1f} MB ({peak_mb:.1f} MB)",
+            "≤ 80 MB",
+            rss_mb <= 80,
+        )
+    )
+
+
+class _Paced(FrameSource):
+    """Delivers ``inner``'s frames at ``fps`` (a camera's pace), whatever it can do."""
+
+    def __init__(self, inner: FrameSource, fps: float) -> None:
+        self.inner, self.period = inner, 1.0 / fps
+        self._next = 0.0
+
+    def open(self) -> None:
+        self.inner.open()
+        self._next = time.monotonic()
+
+    def read(self, timeout_s: float = 5.0) -> Frame | None:
+        self._next += self.period
+        time.sleep(max(0.0, self._next - time.monotonic()))
+        return self.inner.read(timeout_s)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _reader_cpu(source: FrameSource, state: Path, seconds: float) -> float:
+    """Per cent of one core the whole process used while a reader ran on ``source``."""
+    cfg = _reader_config(state, [])
+    reader = build_reader(cfg, pin_factory=make_pin_factory("mock"), source=source)
+    reader.start()
+    try:
+        time.sleep(2.0)  # warm-up: first frames, caches
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        time.sleep(seconds)
+        r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    finally:
+        reader.stop()
+    used = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return used / (t1 - t0) * 100
+
+
+def bench_lores_idle(rows: list[Row], seconds: float) -> None:
+    """The picamera2 lores path (the Y plane of YUV420, no conversion) against a faithful
+    fake of picamera2 on an idle 640x480 scene with noise at 30 fps, beside the replay camera
+    on the same frames: the reader's CPU in this process. The fake builds each padded YUV
+    buffer itself, a cost a real camera's DMA buffers do not have, so the lores figure is an
+    upper bound."""
+    from drivers.picamera import Picamera2Source
+    from tests.drivers.fake_picamera2 import FakeCameraSystem
+
+    scenes = idle_frames(640, 480, 30, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        reel = folder / "reel"
+        reel.mkdir()
+        for i, f in enumerate(scenes):
+            _write(reel, f"{i:03d}.png", f)
+        fake = FakeCameraSystem(scenes, keep_instances=False)
+        lores = Picamera2Source(
+            size=(640, 480), fps=30, snapshot_size=(1280, 960), module_loader=fake.load
+        )
+        (folder / "a").mkdir()
+        (folder / "b").mkdir()
+        cpu_lores = _reader_cpu(_Paced(lores, 30), folder / "a", seconds)
+        cpu_replay = _reader_cpu(ReplaySource(reel, fps=30, loop=True), folder / "b", seconds)
+    rows.append(
+        (
+            "service",
+            "reader CPU, idle 640x480 @ 30 fps, picamera2 lores path (fake camera)",
+            f"{cpu_lores:.2f} % of one core (replay camera: {cpu_replay:.2f} %)",
+            "≤ 5 %",
+            cpu_lores <= 5.0,
+        )
+    )
 
 
 def _cpu_s(pid: int) -> float:
@@ -569,7 +729,7 @@ def main() -> None:
         action="append",
         metavar="SECTION",
         help="run only this section (repeatable): decode, latency, idle, journal, memory, "
-        "uplink-drain, uplink-memory, uplink-outage, credentials",
+        "uplink-drain, uplink-memory, uplink-outage, credentials, service, lores",
     )
     ap.add_argument(
         "--hostile",
@@ -609,6 +769,12 @@ def main() -> None:
             lambda: bench_uplink_outage(rows, 1 if args.quick else 3),
         ),
         ("credentials", "credentials", lambda: bench_credentials(rows, hostile)),
+        (
+            "service",
+            "service start and memory",
+            lambda: bench_service(rows, 3 if args.quick else 7, 5 if args.quick else 20),
+        ),
+        ("lores", "picamera2 lores path", lambda: bench_lores_idle(rows, 5 if args.quick else 20)),
     ]
     known = [key for key, _, _ in steps]
     for key in args.only or ():

@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-# what a reader and the demo need (mosquitto: the demo's private broker)
-DEB_PACKAGES=(libzbar0 python3-venv mosquitto)
-# what only the tests need (the reference back office's PostgreSQL store): `setup.sh --test`
-if [ "${1:-}" = "--test" ]; then DEB_PACKAGES+=(postgresql); fi
+# what a reader and the demo need (mosquitto: the demo's private broker; the compiler,
+# pkg-config, libsystemd-dev and python3-dev build systemd-python's sd_notify binding)
+DEB_PACKAGES=(libzbar0 python3-venv mosquitto gcc libc6-dev pkg-config libsystemd-dev python3-dev)
+# what only the tests need (the reference back office's PostgreSQL store, shellcheck for
+# install.sh, systemd-analyze for the unit, openssl to check the fleet CA independently): `setup.sh --test`
+if [ "${1:-}" = "--test" ]; then DEB_PACKAGES+=(postgresql shellcheck systemd openssl); fi
 
 say() { printf 'qrgate setup: %s\n' "$*" >&2; }
 
@@ -44,7 +46,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/qrgate"
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
-  "$PY" -m venv "$VENV"
+  venv_args=()
+  # on a Pi, picamera2 and libcamera exist only as Debian packages: let the venv see them
+  if grep -qs "Raspberry Pi" /proc/device-tree/model; then venv_args+=(--system-site-packages); fi
+  "$PY" -m venv "${venv_args[@]}" "$VENV"
 fi
 say "installing qrgate and its dependencies into $VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
