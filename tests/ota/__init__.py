@@ -1,0 +1,1 @@
+"""Tests of the over-the-air updater (ota/)."""
