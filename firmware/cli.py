@@ -38,9 +38,18 @@ class _LazyGroup(click.Group):
     the daemon's start never need before they decide to."""
 
     lazy: ClassVar[dict[str, str]] = {
+        "ca": "firmware.admin.ca:ca",
+        "camera": "firmware.tools.camera_check:camera",
         "credentials": "firmware.admin.credentials:credentials",
+        "enroll": "firmware.admin.enroll:enroll",
+        "factory-reset": "firmware.tools.factory_reset:factory_reset",
+        "identity": "firmware.tools.identity:identity",
         "keys": "firmware.admin.keys:keys",
         "pass": "firmware.admin.passes:pass_group",
+        "provision-mode": "firmware.tools.provision_mode:provision_mode",
+        "provision": "firmware.admin.provision:provision",
+        "relay": "firmware.tools.relay:relay",
+        "selftest": "firmware.tools.selftest:selftest",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -77,20 +86,38 @@ def run(config_path: Path, verbose: bool) -> None:
     """Run the reader daemon until SIGTERM, SIGINT or SIGHUP (or the end of a replayed reel).
 
     Each of those signals locks the door and stops cleanly; under systemd, Restart= brings the
-    reader back (that is how a changed badge list or config is taken up)."""
+    reader back (that is how a changed badge list or config is taken up). Under systemd
+    (NOTIFY_SOCKET set) it sends READY=1 once camera, GPIO and journal are up, STATUS= lines,
+    WATCHDOG=1 while the scan loop makes progress, and STOPPING=1."""
+    from drivers.systemd import ServiceNotifier
     from firmware.config import load_config
-    from firmware.daemon import build_reader
-    from firmware.logs import log_scan, setup_logging
+    from firmware.daemon import build_reader, describe
+    from firmware.logs import scan_logger, setup_logging
+    from firmware.supervisor import Supervisor
 
     listener = setup_logging(verbose)
     atexit.register(listener.stop)
+    notifier = ServiceNotifier.from_env()
     try:
         config = load_config(config_path)
-        reader = build_reader(config, listeners=[log_scan])
+        if config.provisioning.public_key is not None:
+            # a reader set up for provisioning mode and not provisioned yet waits for its
+            # code instead; once provisioned it exits 0 and systemd starts it as a reader
+            from firmware.provisioning_mode import needs_provisioning
+            from provisioning.identity import device_id
+
+            device = device_id()
+            if needs_provisioning(config, device):
+                from firmware.tools.provision_mode import run_provisioning
+
+                sys.exit(run_provisioning(config, notifier, device=device))
+        reader = build_reader(config, listeners=[scan_logger(config.reader.door)])
     except QrgateError as e:
+        notifier.status(f"cannot start: {e}")
         click.echo(f"qrgate: {e}", err=True)
         sys.exit(2 if isinstance(e, ConfigError) else 3)
     except Exception as e:  # drivers' errors (pins, camera) name their own fix
+        notifier.status(f"cannot start: {e}")
         click.echo(f"qrgate: cannot start: {e}", err=True)
         sys.exit(3)
 
@@ -101,12 +128,24 @@ def run(config_path: Path, verbose: bool) -> None:
     # SSH session an installer started the daemon from sends it)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    interval = notifier.watchdog_interval_s
+    if interval is not None and interval < config.camera.read_timeout_s + 1:
+        logging.getLogger("qrgate").warning(
+            "WatchdogSec (%.1f s) is shorter than [camera] read_timeout_s + 1 s: a camera stall"
+            " will be cured by a restart rather than by re-opening the camera",
+            interval,
+        )
     try:
         reader.start()
-        while not reader.wait(0.5):
-            pass
+        Supervisor(
+            stop=reader.stop_event,
+            health=reader.health,
+            scan=reader.scan,
+            notifier=notifier,
+            describe=lambda: describe(reader),
+        ).run()
     except (QrgateError, DriverError) as e:
-        # camera missing, journal unusable...: one clear line, the door locked, non-zero exit
+        # journal unusable...: one clear line, the door locked, non-zero exit
         reader.stop()
         click.echo(f"qrgate: cannot start: {e}", err=True)
         sys.exit(3)
@@ -126,10 +165,10 @@ def config_group() -> None:
 def config_check(file: Path) -> None:
     """Validate FILE (and the key and credential files it names); exit 0 if it is usable."""
     from firmware.config import load_config
-    from firmware.daemon import link_settings, make_policy, make_snapshot_store
+    from firmware.daemon import link_settings, make_policy, make_snapshot_store, with_provisioned
 
     try:
-        config = load_config(file)
+        config = with_provisioned(load_config(file))
         creds = make_policy(config).credentials
         make_snapshot_store(config)  # the snapshot key file, as `qrgate run` loads it
         if config.uplink.enabled:

@@ -7,6 +7,7 @@ config file's folder, so a config and its badge list can travel together.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +32,12 @@ KEEP_CHOICES = (
     "issue_date",
 )
 PIN_FACTORIES = ("auto", "mock", "mock-nopwm", "lgpio", "rpigpio", "pigpio", "native")
+AUTOFOCUS_MODES = ("continuous", "off")
+FOCUS_RANGES = ("macro", "normal", "full")
 UPLINK_TRANSPORTS = ("tcp", "tls")
 UPLINK_PROTOCOLS = ("3.1.1", "5")
+# a fleet id as provisioning.qr.check_fleet takes it (not imported: config loads light)
+_FLEET = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,13 @@ class ReaderConfig:
 class CameraConfig:
     """``source``: replay | v4l2 | picamera2. Replay: ``path`` (folder, image or video),
     ``fps``, ``loop``. v4l2: ``device``. ``width``/``height``: pixels requested from a camera.
-    ``read_timeout_s``: a read slower than this is a stall."""
+    ``read_timeout_s``: a read slower than this is a stall.
+    picamera2 only: ``camera_num``; ``snapshot_width``/``snapshot_height``: the main stream
+    (snapshots, ``qrgate camera check``), ``width``/``height`` being the lores gray stream;
+    ``autofocus`` continuous | off and ``focus_range`` macro | normal | full (cameras with
+    autofocus); ``exposure_value``: EV bias in stops (negative keeps bright phone screens from
+    burning out); ``focus_after_frames``: a run of this many unreadable frames showing a
+    code-like blob triggers a focus cycle (0: never)."""
 
     source: str = "replay"
     path: Path | None = None
@@ -65,6 +76,13 @@ class CameraConfig:
     width: int = 640
     height: int = 480
     read_timeout_s: float = 5.0
+    camera_num: int = 0
+    snapshot_width: int = 1280
+    snapshot_height: int = 960
+    autofocus: str = "continuous"
+    focus_range: str = "macro"
+    exposure_value: float = -0.5
+    focus_after_frames: int = 15
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,33 @@ class GpioConfig:
 
 
 @dataclass(frozen=True)
+class DoorsConfig:
+    """Door inputs, BCM pin numbers (None: not wired). ``contact_pin``: door contact, closed
+    circuit while the door is shut (a normally-closed reed switch to ground); ``exit_pin``:
+    request-to-exit button, normally open to ground; ``tamper_pin``: tamper switch, closed
+    while the case is shut. ``pull_up``: the inputs use the internal pull-ups (switch to
+    ground). ``bounce_ms``: debounce time, milliseconds. ``held_open_s``: a door open longer
+    than this raises the held-open alarm. ``exit_unlocks``: the exit button pulses the relay
+    (off when the strike is released mechanically on the inside). ``grace_s``: an opening this
+    soon after the relay locked again still counts as the grant's (a person pushing the door
+    just as the pulse ends), not as forced."""
+
+    contact_pin: int | None = None
+    exit_pin: int | None = None
+    tamper_pin: int | None = None
+    pull_up: bool = True
+    bounce_ms: float = 50.0
+    held_open_s: float = 30.0
+    exit_unlocks: bool = True
+    grace_s: float = 2.0
+
+    @property
+    def pins(self) -> list[int]:
+        """The wired input pins."""
+        return [p for p in (self.contact_pin, self.exit_pin, self.tamper_pin) if p is not None]
+
+
+@dataclass(frozen=True)
 class JournalConfig:
     """``path``: SQLite file (relative to ``reader.state_dir``). ``fsync_interval_ms``: group
     fsync period: the power-cut window. ``max_rows``/``max_mb``: size cap. ``max_age_days``:
@@ -182,6 +227,29 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True)
+class ProvisioningConfig:
+    """Provisioning mode (``qrgate provision-mode``): what the firmware image brings to check
+    a signed provisioning code and to enroll.
+
+    ``public_key``: the fleet's provisioning public key (PEM, Ed25519 or P-256), installed
+    with the firmware; none: provisioning mode refuses to start. ``fleet``: this firmware's
+    fleet id (1-64 of A-Z a-z 0-9 . _ -); a code for another fleet is refused. ``ca``: the
+    fleet's root (or issuing) CA certificate, PEM, installed with the firmware: the reader
+    trusts the broker with it, and a code whose CA fingerprint is not this file's SHA-256
+    is refused. ``enroll_port``: the broker's TLS port for the enrollment credential.
+    ``enroll_user`` and ``enroll_password_file``: the provisioning-only MQTT credential (a
+    file holding the password, kept out of the config).
+    """
+
+    public_key: Path | None = None
+    fleet: str = "default"
+    ca: Path | None = None
+    enroll_port: int = 8884
+    enroll_user: str = "enroll"
+    enroll_password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole reader configuration. ``source``: the file it came from ("<defaults>")."""
 
@@ -190,8 +258,10 @@ class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gpio: GpioConfig = field(default_factory=GpioConfig)
+    doors: DoorsConfig = field(default_factory=DoorsConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     source: str = "<defaults>"
 
     @property
@@ -316,6 +386,20 @@ def _pins(section: _Section) -> Mapping[str, int]:
     return result
 
 
+def _pin_or_none(s: _Section, key: str, default: int | None = None) -> int | None:
+    result: int | None = s.get(
+        key,
+        default,
+        lambda v: (
+            v
+            if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 53)
+            else _raise()
+        ),
+        "a pin number 0-53",
+    )
+    return result
+
+
 def _names(
     s: _Section, key: str, default: tuple[str, ...] = (), choices: tuple[str, ...] = ()
 ) -> tuple[str, ...]:
@@ -347,7 +431,17 @@ def parse_config(
     base = base or Path.cwd()
     top = _Section(file, "", dict(data), base)
     sections = {}
-    for name in ("reader", "camera", "decoder", "policy", "gpio", "journal", "uplink"):
+    for name in (
+        "reader",
+        "camera",
+        "decoder",
+        "policy",
+        "gpio",
+        "doors",
+        "journal",
+        "uplink",
+        "provisioning",
+    ):
         top.used.add(name)
         sections[name] = _Section(file, name, data.get(name, {}), base)
     top.done()
@@ -372,7 +466,28 @@ def parse_config(
         width=s.number("width", CameraConfig.width, 16, 8192, integer=True),
         height=s.number("height", CameraConfig.height, 16, 8192, integer=True),
         read_timeout_s=s.number("read_timeout_s", CameraConfig.read_timeout_s, 0.1, 600),
+        camera_num=s.number("camera_num", CameraConfig.camera_num, 0, 16, integer=True),
+        snapshot_width=s.number(
+            "snapshot_width", CameraConfig.snapshot_width, 16, 8192, integer=True
+        ),
+        snapshot_height=s.number(
+            "snapshot_height", CameraConfig.snapshot_height, 16, 8192, integer=True
+        ),
+        autofocus=s.text("autofocus", CameraConfig.autofocus, AUTOFOCUS_MODES),
+        focus_range=s.text("focus_range", CameraConfig.focus_range, FOCUS_RANGES),
+        exposure_value=s.number("exposure_value", CameraConfig.exposure_value, -8, 8),
+        focus_after_frames=s.number(
+            "focus_after_frames", CameraConfig.focus_after_frames, 0, 10_000, integer=True
+        ),
     )
+    if camera.snapshot_width < camera.width or camera.snapshot_height < camera.height:
+        # picamera2 refuses a lores stream larger than the main stream
+        raise ConfigError(
+            file,
+            "camera.snapshot_width",
+            f"a snapshot size at least the frame size {camera.width}x{camera.height}",
+            f"{camera.snapshot_width}x{camera.snapshot_height}",
+        )
     if camera.source == "replay" and camera.path is None:
         raise ConfigError(
             file,
@@ -417,16 +532,7 @@ def parse_config(
     s.done()
 
     s = sections["gpio"]
-    buzzer = s.get(
-        "buzzer_pin",
-        GpioConfig.buzzer_pin,
-        lambda v: (
-            v
-            if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 53)
-            else _raise()
-        ),
-        "a pin number 0-53",
-    )
+    buzzer = _pin_or_none(s, "buzzer_pin", GpioConfig.buzzer_pin)
     gpio = GpioConfig(
         pin_factory=s.text("pin_factory", GpioConfig.pin_factory, PIN_FACTORIES),
         relay_pin=s.number("relay_pin", GpioConfig.relay_pin, 0, 53, integer=True),
@@ -437,12 +543,39 @@ def parse_config(
         led_active_high=s.flag("led_active_high", GpioConfig.led_active_high),
         buzzer_pin=buzzer,
     )
-    used_pins = [gpio.relay_pin, *gpio.led.values()] + ([buzzer] if buzzer is not None else [])
-    if len(set(used_pins)) != len(used_pins):
-        raise ConfigError(
-            file, "gpio", "distinct pins for relay, LED and buzzer", f"pins {used_pins}"
-        )
     s.done()
+
+    s = sections["doors"]
+    doors = DoorsConfig(
+        contact_pin=_pin_or_none(s, "contact_pin"),
+        exit_pin=_pin_or_none(s, "exit_pin"),
+        tamper_pin=_pin_or_none(s, "tamper_pin"),
+        pull_up=s.flag("pull_up", DoorsConfig.pull_up),
+        bounce_ms=s.number("bounce_ms", DoorsConfig.bounce_ms, 0, 1000),
+        held_open_s=s.number("held_open_s", DoorsConfig.held_open_s, 1, 3600),
+        exit_unlocks=s.flag("exit_unlocks", DoorsConfig.exit_unlocks),
+        grace_s=s.number("grace_s", DoorsConfig.grace_s, 0, 60),
+    )
+    s.done()
+    used: dict[str, int] = {"gpio.relay_pin": gpio.relay_pin}
+    used.update({f"gpio.led.{colour}": pin for colour, pin in gpio.led.items()})
+    if buzzer is not None:
+        used["gpio.buzzer_pin"] = buzzer
+    for key in ("contact_pin", "exit_pin", "tamper_pin"):
+        pin = getattr(doors, key)
+        if pin is not None:
+            used[f"doors.{key}"] = pin
+    by_pin: dict[int, list[str]] = {}
+    for key, pin in used.items():
+        by_pin.setdefault(pin, []).append(key)
+    clashes = [f"{' and '.join(keys)} use {pin}" for pin, keys in by_pin.items() if len(keys) > 1]
+    if clashes:
+        raise ConfigError(
+            file,
+            "gpio",
+            "a pin of its own for each of relay, LED, buzzer and door inputs",
+            "; ".join(clashes),
+        )
 
     s = sections["journal"]
     jpath = s.get(
@@ -464,6 +597,7 @@ def parse_config(
     s.done()
 
     uplink = _uplink(sections["uplink"])
+    provisioning = _provisioning(sections["provisioning"])
 
     return Config(
         reader=reader,
@@ -471,8 +605,10 @@ def parse_config(
         decoder=decoder,
         policy=policy,
         gpio=gpio,
+        doors=doors,
         journal=journal,
         uplink=uplink,
+        provisioning=provisioning,
         source=file,
     )
 
@@ -559,6 +695,32 @@ def _uplink(s: _Section) -> UplinkConfig:
         raise ConfigError(
             file, "uplink.username", "a username to go with uplink.password_file", "nothing"
         )
+    return c
+
+
+def _provisioning(s: _Section) -> ProvisioningConfig:
+    d = ProvisioningConfig
+    c = ProvisioningConfig(
+        public_key=s.path("public_key", None),
+        fleet=s.get(
+            "fleet",
+            d.fleet,
+            lambda v: v if isinstance(v, str) and _FLEET.fullmatch(v) else _raise(),
+            "a fleet id: 1-64 letters, digits, '.', '_' or '-'",
+        ),
+        ca=s.path("ca", None),
+        enroll_port=s.number("enroll_port", d.enroll_port, 1, 65535, integer=True),
+        enroll_user=s.get(
+            "enroll_user",
+            d.enroll_user,
+            lambda v: (
+                v if isinstance(v, str) and v and len(v) <= 128 and v.isprintable() else _raise()
+            ),
+            "a non-empty printable string of at most 128 characters",
+        ),
+        enroll_password_file=s.path("enroll_password_file", None),
+    )
+    s.done()
     return c
 
 

@@ -10,6 +10,7 @@ locked first, then threads, the uplink (offline status, DISCONNECT), camera, jou
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.frames import FrameSource
 from firmware import __version__
@@ -44,6 +45,7 @@ from firmware.policy.policy import ClockSource, FixedClock, Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.snapshot import SnapshotStore
 from firmware.policy.subjects import SubjectHasher, load_key
+from firmware.supervisor import CameraHealth
 from firmware.uplink.commands import reload_badges_handler, unlock_handler
 from firmware.uplink.credentials import CredentialSync
 from firmware.uplink.desired import Desired, DesiredConfig, load_desired, overlay
@@ -52,6 +54,10 @@ from firmware.uplink.identity import device_id as read_device_id
 from firmware.uplink.link import LinkSettings
 from firmware.uplink.service import Uplink, UplinkOptions
 from firmware.uplink.status import Identity, ReaderState, Telemetry
+
+if TYPE_CHECKING:
+    from drivers.door import DoorInputs
+    from firmware.doors import DoorMonitor
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,15 @@ def make_source(config: Config) -> FrameSource:
         return V4L2Source(cam.device, width=cam.width, height=cam.height, fps=cam.fps)
     from drivers.picamera import Picamera2Source
 
-    return Picamera2Source(size=(cam.width, cam.height), fps=cam.fps)
+    return Picamera2Source(
+        size=(cam.width, cam.height),
+        fps=cam.fps,
+        snapshot_size=(cam.snapshot_width, cam.snapshot_height),
+        autofocus=cam.autofocus,
+        focus_range=cam.focus_range,
+        exposure_value=cam.exposure_value,
+        camera_num=cam.camera_num,
+    )
 
 
 def make_feedback(config: Config, pin_factory: Any) -> Any:
@@ -109,6 +123,151 @@ def make_feedback(config: Config, pin_factory: Any) -> Any:
         relay.close()
         raise
     return Feedback(light, beeper, relay)
+
+
+def make_focus(config: Config, camera: FrameSource) -> Callable[[Any, bool], object] | None:
+    """The focus assist's per-frame hook for a camera with autofocus, else None."""
+    from drivers.frames import Focusable
+
+    n = config.camera.focus_after_frames
+    if n <= 0 or not isinstance(camera, Focusable):
+        return None
+    from firmware.focus import FocusAssist
+
+    return FocusAssist(camera, after_frames=n).observe
+
+
+def with_provisioned(config: Config, device_id: str | None = None) -> Config:
+    """``config`` with ``<state_dir>/provisioned.json`` (written by provisioning mode) laid
+    over it, or unchanged when the reader was never provisioned. An overlay made for another
+    device (an SD card copied from another reader) is not applied: its certificate names
+    that reader (logged). Raises ConfigError when the overlay is damaged."""
+    from firmware.provisioning_mode import apply_provisioned, load_provisioned
+
+    prov = load_provisioned(config.reader.state_dir)
+    if prov is None:
+        return config
+    if device_id is None:
+        try:
+            device_id = read_device_id()
+        except DeviceIdentityError as e:
+            log.error("provisioned settings not applied: %s", e)
+            return config
+    if prov.device != device_id:
+        log.error(
+            "provisioned settings are for device %s, this is %s (a copied SD card?): not"
+            " applied; run provisioning mode again after qrgate factory-reset",
+            prov.device,
+            device_id,
+        )
+        return config
+    config = apply_provisioned(config, prov)
+    key = config.uplink.key
+    if config.uplink.transport == "tls" and key is not None:
+        from provisioning.device import DeviceKeys
+        from provisioning.exceptions import DeviceKeyError
+
+        try:
+            DeviceKeys(key.parent).load_key()
+        except DeviceKeyError as e:
+            # the door keeps working offline; the broker never sees a key others could copy
+            log.error("MQTT uplink off: %s", e)
+            config = dataclasses.replace(
+                config, uplink=dataclasses.replace(config.uplink, enabled=False)
+            )
+    return config
+
+
+def make_door_inputs(config: Config, pin_factory: Any) -> DoorInputs | None:
+    """The door contact, exit button and tamper switch ``[doors]`` names; None when none is
+    wired. Raises DoorInputError when a pin cannot be claimed."""
+    d = config.doors
+    if not d.pins:
+        return None
+    from drivers.door import DoorInputs
+
+    return DoorInputs(
+        d.contact_pin,
+        d.exit_pin,
+        d.tamper_pin,
+        pin_factory=pin_factory,
+        pull_up=d.pull_up,
+        bounce_s=d.bounce_ms / 1000,
+    )
+
+
+def make_door_monitor(
+    config: Config,
+    inputs: DoorInputs,
+    feedback: Any,
+    record: Callable[[str, dict[str, object]], None],
+) -> DoorMonitor:
+    """The door state machine over ``inputs``: held-open and forced-open alarms, the exit
+    button unlocking the relay (``[doors] exit_unlocks``), tamper."""
+    from firmware.doors import DoorMonitor
+
+    relay = feedback.relay
+    return DoorMonitor(
+        inputs,
+        relay_unlocked=lambda: relay is not None and relay.is_unlocked,
+        unlock=relay.pulse if relay is not None else None,
+        record=record,
+        held_open_s=config.doors.held_open_s,
+        exit_unlocks=config.doors.exit_unlocks,
+        grace_s=config.doors.grace_s,
+    )
+
+
+def _door_event(
+    journal: Journal,
+    config: Config,
+    code: str,
+    detail: dict[str, object],
+    clock_synced: bool,
+    *,
+    uplink: Uplink | None = None,
+) -> None:
+    """Journal a door event (kind "door"; ``code`` in firmware.doors.EVENT_CODES) and wake
+    the uplink, which publishes it like a scan."""
+    log.log(
+        logging.WARNING if code in ALARMS else logging.INFO,
+        "door %s: %s %s",
+        config.reader.door,
+        code,
+        json.dumps(detail, sort_keys=True),
+    )
+    _record(journal, config, "door", code, detail, clock_synced=clock_synced, uplink=uplink)
+
+
+def _record(
+    journal: Journal,
+    config: Config,
+    kind: str,
+    code: str,
+    detail: dict[str, object],
+    *,
+    clock_synced: bool,
+    uplink: Uplink | None,
+) -> None:
+    """Journal a non-scan event of ``kind`` and wake the uplink, which publishes it."""
+    journal.append(
+        NewEvent(
+            kind=kind,
+            wall_ns=time.time_ns(),
+            clock_synced=clock_synced,
+            mono_ns=time.monotonic_ns(),
+            door=config.reader.door,
+            direction=config.reader.direction,
+            reason=code,
+            detail=dict(detail),
+        )
+    )
+    if uplink is not None:
+        uplink.notify()
+
+
+ALARMS = frozenset({"door_forced_open", "door_held_open", "tamper"})
+"""Door events that are alarms: logged as warnings."""
 
 
 class _FlagClock(FixedClock):
@@ -196,8 +355,11 @@ class Reader:
     capture: CaptureLoop
     metrics: PipelineMetrics
     frames: FrameQueue
+    health: CameraHealth
     state: ReaderState | None = None
     uplink: Uplink | None = None
+    doors: DoorMonitor | None = None
+    door_inputs: DoorInputs | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     exit_code: int = 0
     started_ns: int = 0
@@ -212,8 +374,9 @@ class Reader:
         # worst case inside the latency budget at a negligible switching cost.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.journal.open()
-        self.source.open()
-        if self.state is not None:
+        # a busy or missing camera does not stop the start: the capture thread keeps trying
+        # while the journal, the status and MQTT work (a crash loop would help nobody)
+        if self.capture.open_first() and self.state is not None:
             self.state.camera_ok()
         for name, body in ((CAPTURE_THREAD, self.capture.run), (SCAN_THREAD, self.scan.run)):
             t = threading.Thread(target=self._guard, args=(name, body), name=name, daemon=True)
@@ -223,8 +386,11 @@ class Reader:
         if self.uplink is not None:
             # after the scan threads: the broker being away must never delay a decision
             self.uplink.start()
+        if self.doors is not None:
+            self.doors.start()  # its events need the journal (and the uplink) running
         log.info(
-            "reader ready: door %s, camera %s, decoder %s, uplink %s",
+            "reader %s: door %s, camera %s, decoder %s, uplink %s",
+            "ready" if self.health.opened.is_set() else "started, waiting for its camera",
             self.config.reader.door,
             self.config.camera.source,
             self.config.decoder.backend,
@@ -259,6 +425,10 @@ class Reader:
         self._stopped = True
         self.feedback.close()
         self.stop_event.set()
+        if self.doors is not None:
+            self.doors.close()
+        if self.door_inputs is not None:
+            self.door_inputs.close()
         for t in self._threads:
             t.join(timeout=5.0)
         if self.uplink is not None:
@@ -288,6 +458,24 @@ class Reader:
         }
 
 
+def describe(reader: Reader) -> str:
+    """One line for a person reading `systemctl status qrgate` (the STATUS= line)."""
+    m, h = reader.metrics, reader.health
+    if h.state.value in ("stalled", "missing"):
+        camera = f"camera {h.state.value}: {h.last_error}" if h.last_error else "camera down"
+    else:
+        camera = f"camera {h.state.value}"
+    if reader.uplink is None:
+        broker = "MQTT off"
+    else:
+        link = reader.uplink.link.stats()
+        broker = f"MQTT {link.state}" + (f" ({link.problem})" if link.problem else "")
+    return (
+        f"door {reader.config.reader.door}: {camera}; {m.decisions} scans "
+        f"({m.granted} granted, {m.denied} denied); {broker}"
+    )
+
+
 def _incident(
     journal: Journal,
     feedback: Any,
@@ -299,27 +487,17 @@ def _incident(
     uplink: Uplink | None = None,
 ) -> None:
     """Journal a reader incident (camera stalled, ...) and show it: the fault pattern while
-    the camera is gone, ready again when it is back; the uplink's status follows."""
+    the camera is gone, ready again when it is back; the uplink's status follows. A reader
+    that cannot see locks the door (a grant's pulse in progress ends early)."""
     if code == "camera_recovered":
         feedback.ready()
     elif code.startswith("camera_"):
+        if feedback.relay is not None:
+            feedback.relay.off()
         feedback.fault()
     if state is not None:
         state.camera_event(code)
-    journal.append(
-        NewEvent(
-            kind="incident",
-            wall_ns=time.time_ns(),
-            clock_synced=False,
-            mono_ns=time.monotonic_ns(),
-            door=config.reader.door,
-            direction=config.reader.direction,
-            reason=code,
-            detail=dict(detail),
-        )
-    )
-    if uplink is not None:
-        uplink.notify()
+    _record(journal, config, "incident", code, detail, clock_synced=False, uplink=uplink)
 
 
 def _secret(config: Config, key: str, path: Path) -> str:
@@ -482,7 +660,11 @@ def build_reader(
     lock = InstanceLock(state / "qrgate.lock")
     lock.acquire()
     feedback = None
+    door_inputs: DoorInputs | None = None
     try:
+        # what provisioning mode wrote (door, broker, the device certificate) is laid over
+        # the file first: the back office's desired settings go over both
+        config = with_provisioned(config, device_id)
         # the back office's desired settings, kept from an earlier run, win over the file;
         # each document is laid over the file's config, never over the one before it
         file_config = config
@@ -497,6 +679,7 @@ def build_reader(
             )
         )
         feedback = make_feedback(config, factory)
+        door_inputs = make_door_inputs(config, factory)
         boot = read_boot_id()
         clock: ClockSource
         if clock_synced is not None:
@@ -589,14 +772,28 @@ def build_reader(
             else None,
             metrics=metrics,
             listeners=scan_listeners,
+            focus=make_focus(config, cam),
         )
-        capture = CaptureLoop(
-            cam,
-            frames,
-            read_timeout_s=config.camera.read_timeout_s,
-            on_incident=lambda code, detail: _incident(
+        health = CameraHealth(
+            lambda code, detail: _incident(
                 journal, feedback, config, code, detail, state=reader_state, uplink=uplink
             ),
+            stall_s=config.camera.read_timeout_s,
+        )
+        capture = CaptureLoop(
+            cam, frames, health=health, read_timeout_s=config.camera.read_timeout_s
+        )
+        doors = (
+            make_door_monitor(
+                config,
+                door_inputs,
+                feedback,
+                lambda code, detail: _door_event(
+                    journal, config, code, detail, synced(), uplink=uplink
+                ),
+            )
+            if door_inputs is not None
+            else None
         )
         return Reader(
             config=config,
@@ -608,11 +805,16 @@ def build_reader(
             capture=capture,
             metrics=metrics,
             frames=frames,
+            health=health,
             state=reader_state,
             uplink=uplink,
+            doors=doors,
+            door_inputs=door_inputs,
         )
     except BaseException:
         if feedback is not None:
             feedback.close()
+        if door_inputs is not None:
+            door_inputs.close()
         lock.release()
         raise

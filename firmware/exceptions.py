@@ -1,5 +1,7 @@
 """Errors raised by ``firmware``. Each name ends in Error and each says what happens next."""
 
+from provisioning import exceptions as _provisioning_exceptions
+
 
 class QrgateError(Exception):
     """Root of every error raised by ``firmware``."""
@@ -112,10 +114,10 @@ class ClientIdTakenError(QrgateError):
     ``--client-id`` and start it again."""
 
 
-class DeviceIdentityError(QrgateError):
-    """The reader cannot tell its own device id (no board serial, no machine-id): the reader
-    still decides scans and journals them, but runs without the MQTT uplink; fix the board or
-    write /etc/machine-id (``systemd-machine-id-setup``) and restart."""
+# The same class as provisioning's (one class, so `except DeviceIdentityError` catches what
+# provisioning.identity raises). provisioning imports nothing from firmware, so it is not a
+# QrgateError: firmware catches it by name (daemon.py turns the uplink off with it).
+DeviceIdentityError = _provisioning_exceptions.DeviceIdentityError
 
 
 class CommandError(QrgateError):

@@ -9,14 +9,15 @@ journal's bounded append (which spills rather than waits on a locked database).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from drivers.exceptions import CameraTimeoutError, FrameSourceError
-from drivers.frames import Frame, FrameSource
+from drivers.exceptions import CameraTimeoutError, CameraUnavailableError, FrameSourceError
+from drivers.frames import Frame, FrameSource, GrayImage
 from firmware.decoding.codes import DecodedCode, Decoder
 from firmware.freshest import FrameQueue
 from firmware.idle import ChangeGate
@@ -25,6 +26,7 @@ from firmware.metrics import PipelineMetrics
 from firmware.policy.policy import Policy
 from firmware.policy.repeat import RepeatWindow
 from firmware.policy.verdict import Decision
+from firmware.supervisor import CameraHealth
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,9 @@ class ScanLoop:
     window, ``journal`` (EventSink), ``feedback`` (Indicator), ``clock_synced`` (cached,
     non-blocking), ``gate`` (idle skipping, or None to decode every frame). ``listeners`` are
     called on the scan thread with each :class:`ScanReport`: they must hand off and return.
-    ``progress_ns`` is the monotonic time of the last frame handled (for a watchdog tied to
-    real progress).
+    ``progress_ns`` is the monotonic time of the last frame handled, ``beat_ns`` of the last
+    time round the loop, busy or idle (the watchdog is tied to them, not to a timer).
+    ``focus(image, readable)`` sees every decoded frame (a camera's focus assist) or is None.
     """
 
     def __init__(
@@ -121,18 +124,21 @@ class ScanLoop:
         gate: ChangeGate | None = None,
         metrics: PipelineMetrics | None = None,
         listeners: tuple[Callable[[ScanReport], None], ...] = (),
+        focus: Callable[[GrayImage, bool], object] | None = None,
     ) -> None:
         self.frames, self.decoder, self.policy, self.seen = frames, decoder, policy, seen
+        self.focus = focus
         self.journal, self.feedback, self.identity = journal, feedback, identity
         self.clock_synced, self.gate = clock_synced, gate
         self.metrics = metrics or PipelineMetrics()
         self.listeners = listeners
-        self.progress_ns = time.monotonic_ns()
+        self.progress_ns = self.beat_ns = time.monotonic_ns()
         self._throttle = _Throttled()
 
     def run(self, stop: threading.Event) -> None:
         """Handle frames until ``stop`` is set or the frame queue is closed and drained."""
         while not stop.is_set():
+            self.beat_ns = time.monotonic_ns()
             frame = self.frames.get(timeout_s=0.2)
             if frame is None:
                 if self.frames.closed:
@@ -164,6 +170,11 @@ class ScanLoop:
         m.decode_ms.add(decode_ms)
         if self.gate is not None:
             self.gate.decoded(image, bool(codes))
+        if self.focus is not None:
+            try:
+                self.focus(image, bool(codes))
+            except Exception as e:  # focus is a help, never a reason to miss a scan
+                self._throttle.warn("focus", "focus assist failed: %s", e)
         if not codes:
             return None
         m.codes += len(codes)
@@ -250,10 +261,13 @@ class ScanLoop:
 class CaptureLoop:
     """The capture thread's body: read frames from ``source`` into ``frames``.
 
-    A stalled read (CameraTimeoutError) or a failing device is reported through
-    ``on_incident(code, detail)`` and the source re-opened with exponential backoff (capped at
-    ``max_backoff_s``); the scan thread and the journal keep working meanwhile. The end of a
-    finite source closes the queue.
+    A failed read (CameraTimeoutError after ``read_timeout_s``, or a device error) or a
+    camera that cannot be opened is reported to ``health`` (one incident per outage), the
+    source is closed (the old instance first: libcamera and V4L2 refuse a second opener) and
+    re-opened with exponential backoff from ``min_backoff_s`` to ``max_backoff_s``, with
+    jitter; the scan thread, the journal and MQTT keep working meanwhile. Each recovery step
+    is promised to ``health`` (``open_timeout_s`` bounds one open attempt), so a watchdog
+    can tell recovering from hung. The end of a finite source closes the queue.
     """
 
     def __init__(
@@ -261,45 +275,81 @@ class CaptureLoop:
         source: FrameSource,
         frames: FrameQueue,
         *,
+        health: CameraHealth,
         read_timeout_s: float = 5.0,
-        on_incident: Callable[[str, dict[str, object]], None] | None = None,
+        min_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        open_timeout_s: float = 10.0,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
-        self.source, self.frames = source, frames
+        self.source, self.frames, self.health = source, frames, health
         self.read_timeout_s = read_timeout_s
-        self.on_incident = on_incident or (lambda code, detail: None)
-        self.max_backoff_s = max_backoff_s
+        self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
+        self.open_timeout_s = open_timeout_s
+        self.jitter = jitter
         self.reopens = 0
+        self.failed_opens = 0
+        self._open = False
+
+    def open_first(self) -> bool:
+        """Open the camera once, on the caller's thread (the reader's start). False when it
+        is unavailable (busy, unplugged: CameraUnavailableError): the capture thread then
+        keeps trying, and nothing else waits. Any other FrameSourceError (a replay reel that
+        does not exist) is a configuration fault and propagates: retrying cannot cure it."""
+        try:
+            self.source.open()
+        except CameraUnavailableError as e:
+            log.error("camera unavailable at start: %s; retrying in the background", e)
+            self.failed_opens += 1
+            self.health.failed("camera_unavailable", str(e))
+            return False
+        self._open = True
+        self.health.camera_opened()
+        return True
 
     def run(self, stop: threading.Event) -> None:
-        """Capture until ``stop`` is set or the source ends. The source must be open."""
-        backoff = 0.5
+        """Capture until ``stop`` is set or the source ends."""
         try:
             while not stop.is_set():
+                if not self._open:
+                    self._reopen(stop)
+                    continue
                 try:
                     frame = self.source.read(self.read_timeout_s)
                 except FrameSourceError as e:
                     code = "camera_stalled" if isinstance(e, CameraTimeoutError) else "camera_error"
                     log.error("%s: %s; re-opening the camera", code, e)
-                    self.on_incident(code, {"error": str(e)[:200]})
-                    self._reopen(stop, backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
+                    self.health.failed(code, str(e))
+                    self.source.close()
+                    self._open = False
                     continue
                 if frame is None:
                     return
-                backoff = 0.5
+                self.health.frame()
                 self.frames.put(frame)
         finally:
             self.frames.close()
 
-    def _reopen(self, stop: threading.Event, backoff: float) -> None:
+    def _reopen(self, stop: threading.Event) -> None:
         self.source.close()
-        while not stop.wait(backoff):
+        backoff = self.min_backoff_s
+        while True:
+            # jitter: readers on one power circuit must not all hammer their cameras (and
+            # everything else) in step after an outage
+            wait = backoff * (0.5 + self.jitter() / 2)
+            self.health.recovering(wait + self.open_timeout_s)
+            if stop.wait(wait):
+                return
             try:
                 self.source.open()
-                self.reopens += 1
-                self.on_incident("camera_recovered", {"reopens": self.reopens})
-                return
             except FrameSourceError as e:
-                log.warning("camera still unavailable: %s (retrying in %.1f s)", e, backoff)
+                self.failed_opens += 1
+                self.health.failed("camera_unavailable", str(e))
+                self.source.close()
                 backoff = min(backoff * 2, self.max_backoff_s)
+                log.warning("camera still unavailable: %s (retrying within %.1f s)", e, backoff)
+                continue
+            self._open = True
+            self.reopens += 1
+            self.health.camera_opened()
+            return

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from typing import TypeVar
 
 import click
 
+from firmware.admin.common import fail, time_option
 from firmware.exceptions import CredentialListError, KeyFileError
 from firmware.policy.cose import ALG_IDS
 from firmware.policy.keys import (
@@ -253,20 +253,6 @@ def merge_trust(
 # --- the commands -----------------------------------------------------------------------------
 
 
-def _fail(e: Exception) -> None:
-    click.echo(f"qrgate: {e}", err=True)
-    sys.exit(2)
-
-
-def _time_option(text: str | None, name: str, now_s: int) -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_time(text, now_s)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint=name) from None
-
-
 @click.group("keys")
 def keys() -> None:
     """Issuer keys for signed passes, and the trust list a reader verifies them with."""
@@ -299,14 +285,14 @@ def keys_new(  # noqa: PLR0917 - click passes options positionally
     Prints the key id (kid); never overwrites. TIME: RFC 3339, seconds since the epoch,
     'now' or an offset such as +30d."""
     now = int(time.time())
-    nbf = _time_option(not_before, "--not-before", now)
-    naf = _time_option(not_after, "--not-after", now)
+    nbf = time_option(not_before, "--not-before", now)
+    naf = time_option(not_after, "--not-after", now)
     try:
         made = new_key(out_dir, name, alg, iss=iss, not_before=nbf, not_after=naf)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     except KeyFileError as e:
-        _fail(e)
+        fail(e)
         return
     click.echo(
         f"wrote {made.private_path} (private, 0600), {made.public_path}, {made.trust_path}",
@@ -342,8 +328,8 @@ def keys_trust(  # noqa: PLR0917 - click passes options positionally
     if not files and not remove:
         raise click.UsageError("give public key files to add, or --remove KID")
     now = int(time.time())
-    nbf = _time_option(not_before, "--not-before", now)
-    naf = _time_option(not_after, "--not-after", now)
+    nbf = time_option(not_before, "--not-before", now)
+    naf = time_option(not_after, "--not-after", now)
     kids: list[bytes] = []
     for r in remove:
         if not re.fullmatch(r"[0-9a-fA-F]{16}", r):
@@ -359,7 +345,7 @@ def keys_trust(  # noqa: PLR0917 - click passes options positionally
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     except (KeyFileError, CredentialListError) as e:
-        _fail(e)
+        fail(e)
         return
     for kid, what in changes:
         click.echo(f"{what} {kid}")

@@ -44,7 +44,8 @@ import base45
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.admin.keys import parse_time, write_file
+from firmware.admin.common import fail, time_option
+from firmware.admin.keys import write_file
 from firmware.clock import ClockTrust
 from firmware.exceptions import KeyFileError, PassError, QrgateError
 from firmware.policy.context import Check, CredentialKind
@@ -708,20 +709,6 @@ def explain(r: Mapping[str, Any]) -> list[str]:
 # --- the commands -----------------------------------------------------------------------------
 
 
-def _fail(e: Exception | str) -> None:
-    click.echo(f"qrgate: {e}", err=True)
-    sys.exit(2)
-
-
-def _time(text: str | None, name: str, now_s: int) -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_time(text, now_s)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint=name) from None
-
-
 @click.group("pass")
 def pass_group() -> None:
     """Signed and rotating passes: issue them, show a holder's codes, inspect a code."""
@@ -772,12 +759,12 @@ def pass_issue(**o: Any) -> None:
         zones = parse_names(o["zones"], "--zones")
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    exp = _time(o["exp"], "--exp", now)
+    exp = time_option(o["exp"], "--exp", now)
     assert exp is not None  # a required option
     try:
         key = load_private_key(o["keyfile"])
     except KeyFileError as e:
-        _fail(e)
+        fail(e)
         return
     try:
         issued = issue(
@@ -786,7 +773,7 @@ def pass_issue(**o: Any) -> None:
             sub=o["sub"],
             exp=exp,
             now_s=now,
-            nbf=_time(o["nbf"], "--nbf", now),
+            nbf=time_option(o["nbf"], "--nbf", now),
             doors=doors,
             zones=zones,
             schedule=o["schedule"],
@@ -804,9 +791,9 @@ def pass_issue(**o: Any) -> None:
                 save_qr(issued.text, o[kind], kind)
                 click.echo(f"wrote {o[kind]}", err=True)
     except KeyFileError as e:
-        _fail(e)
+        fail(e)
     except OSError as e:
-        _fail(f"cannot write: {e}")
+        fail(f"cannot write: {e}")
     c = issued.claims
     click.echo(
         f"pass id {c.cti.hex()} for {c.sub!r}, issued by {c.iss!r}, expires {_when(c.exp)}",
@@ -873,9 +860,9 @@ def pass_show(**o: Any) -> None:
     try:
         wallet = load_wallet(o["wallet_path"])
     except KeyFileError as e:
-        _fail(e)
+        fail(e)
         return
-    at = _time(o["at"], "--at", int(time.time()))
+    at = time_option(o["at"], "--at", int(time.time()))
     door = o["door"]
     if o["png_dir"] is None:
         try:
@@ -897,7 +884,7 @@ def pass_show(**o: Any) -> None:
             save_qr(f.text, path)
             click.echo(f"{path}: step {f.step}, from {_when(f.start_s)}")
     except OSError as e:
-        _fail(f"cannot write: {e}")
+        fail(f"cannot write: {e}")
 
 
 def _read_input(arg: str, as_text: bool, backend: str) -> tuple[bytes, bool]:
@@ -910,10 +897,10 @@ def _read_input(arg: str, as_text: bool, backend: str) -> tuple[bytes, bool]:
     if not is_image:
         suffix = path.suffix.lower()
         if not as_text and suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif"):
-            _fail(f"{arg}: no such image (give --text to inspect it as a payload)")
+            fail(f"{arg}: no such image (give --text to inspect it as a payload)")
         payload = arg.encode("utf-8", "surrogateescape")
         if not payload:
-            _fail("an empty payload")
+            fail("an empty payload")
         return payload, True
     from drivers.exceptions import DriverError
     from drivers.replay import load_gray
@@ -923,12 +910,12 @@ def _read_input(arg: str, as_text: bool, backend: str) -> tuple[bytes, bool]:
         decoder = make_decoder(backend)
         codes = decoder.decode(load_gray(path))
     except (QrgateError, DriverError) as e:
-        _fail(e)
+        fail(e)
     distinct = {c.payload: c for c in codes}
     if not distinct:
-        _fail(f"{arg}: no QR code found")
+        fail(f"{arg}: no QR code found")
     if len(distinct) > 1:
-        _fail(f"{arg}: {len(distinct)} codes in the image (a reader denies that); crop to one")
+        fail(f"{arg}: {len(distinct)} codes in the image (a reader denies that); crop to one")
     (code,) = distinct.values()
     return code.payload, code.exact
 
@@ -963,14 +950,14 @@ def pass_inspect(
         try:
             config = load_config(config_path)
         except QrgateError as e:
-            _fail(e)
+            fail(e)
             return
     chosen = backend or (config.decoder.backend if config is not None else "zxing-cpp")
     payload, exact = _read_input(source, as_text, chosen)
     try:
         policy = reader_policy(config) if config is not None else offline_policy(reader_clock(None))
     except QrgateError as e:
-        _fail(e)
+        fail(e)
         return
     result = inspect_payload(
         payload, policy, time.time_ns(), exact=exact, configured=config is not None

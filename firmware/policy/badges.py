@@ -13,6 +13,7 @@ typo never silently empties a list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -139,10 +140,20 @@ def load_badges(path: Path) -> BadgeList:
 
 
 def write_badges(path: Path, badges: BadgeList) -> None:
-    """Write a badge list atomically (temp file + os.replace)."""
+    """Write a badge list atomically (temp file + os.replace). A list that exists keeps its
+    permission bits and group: an administrator who let the reader's group read it (root
+    writes, the service reads) must not lose that on the next edit."""
     doc = badges_to_json(badges)
+    try:
+        before: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        if before is not None:
+            os.fchmod(fd, before.st_mode & 0o777)
+            with contextlib.suppress(PermissionError):  # only root or a member may chgrp
+                os.fchown(fd, -1, before.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.flush()

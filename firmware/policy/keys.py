@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -19,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from firmware.exceptions import KeyFileError
 from firmware.policy.cose import ALG_IDS, PrivateKey, PublicKey, alg_of
+from provisioning import files
+from provisioning.files import write_atomic
 
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -55,31 +56,11 @@ def write_file_atomic(path: Path | str, data: bytes, mode: int, *, overwrite: bo
     if not overwrite and os.path.lexists(path):
         raise KeyFileError(f"{path}: already exists; not overwriting it")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-        # the rename itself must survive a power cut, or the key is lost after a reboot
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data, mode, overwrite=overwrite)
     except FileExistsError:
         raise KeyFileError(f"{path}: already exists; not overwriting it") from None
     except OSError as e:
         raise KeyFileError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def save_private_key(path: Path | str, key: PrivateKey, *, overwrite: bool = False) -> None:
@@ -106,27 +87,15 @@ def save_public_key(
 
 
 def read_regular(path: Path, cap: int = MAX_KEY_FILE_BYTES) -> tuple[bytes, int]:
-    """The bytes (at most ``cap``) and mode of the regular file at ``path``.
-
-    O_NONBLOCK so a FIFO in its place cannot hang the caller; fstat on the open file so the
-    mode checked is the mode of the bytes read. Raises KeyFileError."""
+    """The bytes (at most ``cap``) and mode of the regular file at ``path``
+    (:func:`provisioning.files.read_regular`: a FIFO cannot hang it, the mode is the mode of
+    the bytes read). Raises KeyFileError."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return files.read_regular(path, cap)
+    except files.NotRegularFileError as e:
+        raise KeyFileError(f"{e}; not a key file") from None
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(cap + 1)
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > cap:
-        raise KeyFileError(f"{path}: larger than {cap} bytes; not a key file")
-    return data, st.st_mode
 
 
 def load_private_key(path: Path | str) -> PrivateKey:

@@ -100,6 +100,7 @@ from firmware.policy.credentials import (
 )
 from firmware.policy.schedules import Schedules
 from firmware.policy.trust import TrustList
+from provisioning.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -584,14 +585,6 @@ def make_delta(
 # --- the store --------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SnapshotStore:
     """The reader's applied snapshot: verified, applied whole, kept in ``state_dir``.
 
@@ -742,7 +735,7 @@ class SnapshotStore:
         aside = path.with_name(f"{FILE_NAME}.damaged-{stamp}")
         try:
             os.replace(path, aside)
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
         except OSError as e:
             log.error(
                 "credential snapshot %s unusable (%s) and cannot be moved aside (%s): "
@@ -890,7 +883,7 @@ class SnapshotStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         # the rename must reach the disk too, or a power cut brings the old file back
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
 
     def refuse(self, error: SnapshotError, version: int | None = None) -> None:
         """Record ``error`` as the last refusal (for a refusal decided outside, such as a

@@ -23,7 +23,12 @@ from firmware.uplink.topics import Topics, dumps, ha_discovery_topic, ha_node
 
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
 
-CAMERA_STATES = {"camera_stalled": "stalled", "camera_error": "error", "camera_recovered": "ok"}
+CAMERA_STATES = {
+    "camera_stalled": "stalled",
+    "camera_error": "error",
+    "camera_unavailable": "unavailable",
+    "camera_recovered": "ok",
+}
 """Camera incident code -> the ``camera`` field of the status."""
 
 
@@ -70,8 +75,8 @@ class ReaderState:
         self._set_camera("ok")
 
     def camera_event(self, code: str) -> None:
-        """A camera incident code ("camera_stalled", "camera_error", "camera_recovered");
-        other codes are ignored."""
+        """A camera incident code ("camera_stalled", "camera_error", "camera_unavailable",
+        "camera_recovered"); other codes are ignored."""
         state = CAMERA_STATES.get(code)
         if state is not None:
             self._set_camera(state)
@@ -84,7 +89,7 @@ class ReaderState:
 
     @property
     def camera(self) -> str:
-        """ "starting", "ok", "stalled" or "error"."""
+        """ "starting", "ok", "stalled", "error" or "unavailable"."""
         with self._lock:
             return self._camera
 

@@ -69,7 +69,18 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
             "'zxing-cpp'",
             "string 'opencv'",
         ),
-        (("relay_pin = 17", "relay_pin = 5"), "gpio", "distinct pins", "pins [5, 5, 6, 12]"),
+        (
+            ("relay_pin = 17", "relay_pin = 5"),
+            "gpio",
+            "a pin of its own",
+            "gpio.relay_pin and gpio.led.red use 5",
+        ),
+        (
+            ("fsync_interval_ms = 50", "fsync_interval_ms = 50\n[doors]\nexit_pin = 12"),
+            "gpio",
+            "a pin of its own",
+            "gpio.buzzer_pin and doors.exit_pin use 12",
+        ),
         (("relay_pin = 17", "relay_pn = 17"), "gpio.relay_pn", "known keys", "an unknown key"),
         (
             ("led = { red = 5, green = 6 }", "led = { red = 5 }"),
@@ -161,3 +172,46 @@ def test_config_check_loads_the_uplink_tls_files(tmp_path: Path) -> None:
     locked = write(tmp_path, GOOD + uplink.replace(str(pki.client_key), str(encrypted)))
     r = CliRunner().invoke(main, ["config", "check", str(locked)], input="")
     assert r.exit_code == 2 and "an encrypted key" in r.output, r.output
+
+
+PROVISIONING = """
+[provisioning]
+public_key = "keys/provisioning.pub.pem"
+fleet = "acme"
+ca = "/etc/qrgate/fleet-ca.crt"
+enroll_port = 9884
+enroll_user = "enroll-lobby"
+enroll_password_file = "enroll.password"
+"""
+
+
+def test_provisioning_section_defaults_and_relative_paths(tmp_path: Path) -> None:
+    d = load_config(write(tmp_path, GOOD)).provisioning
+    assert (d.public_key, d.fleet, d.ca) == (None, "default", None)
+    assert (d.enroll_port, d.enroll_user, d.enroll_password_file) == (8884, "enroll", None)
+    c = load_config(write(tmp_path, GOOD + PROVISIONING)).provisioning
+    assert c.public_key == tmp_path / "keys" / "provisioning.pub.pem"
+    assert c.fleet == "acme" and c.ca == Path("/etc/qrgate/fleet-ca.crt")
+    assert c.enroll_port == 9884 and c.enroll_user == "enroll-lobby"
+    assert c.enroll_password_file == tmp_path / "enroll.password"
+
+
+@pytest.mark.parametrize(
+    "patch, key, expected, found",
+    [
+        (('fleet = "acme"', 'fleet = "acme corp"'), "fleet", "a fleet id", "string 'acme corp'"),
+        (('fleet = "acme"', 'fleet = ""'), "fleet", "a fleet id", "string ''"),
+        (("enroll_port = 9884", "enroll_port = 0"), "enroll_port", "1 to 65535", "number 0"),
+        (('enroll_user = "enroll-lobby"', "enroll_user = 7"), "enroll_user", "printable", "7"),
+        (('ca = "/etc/qrgate/fleet-ca.crt"', "ca = 1"), "ca", "a path string", "number 1"),
+        (('fleet = "acme"', 'fleet = "acme"\nfleat = "x"'), "fleat", "known keys", "unknown"),
+    ],
+)
+def test_provisioning_bad_values_named(
+    tmp_path: Path, patch: tuple[str, str], key: str, expected: str, found: str
+) -> None:
+    f = write(tmp_path, GOOD + PROVISIONING.replace(*patch))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert e.value.key == f"provisioning.{key}"
+    assert expected in e.value.expected and found in e.value.found

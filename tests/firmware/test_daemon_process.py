@@ -3,6 +3,7 @@ during a burst: every scan that got feedback survives)."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sqlite3
@@ -125,3 +126,24 @@ def test_missing_camera_is_one_clear_line(tmp_path: Path) -> None:
     assert r.returncode == 3
     assert "qrgate: cannot start:" in r.stderr and "no-such-reel" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_c11_no_pin_factory_fails_fast_with_one_line_naming_them(tmp_path: Path) -> None:
+    # this machine has neither lgpio nor RPi.GPIO hardware: "auto" finds no factory
+    cfg = write_reader_config(tmp_path, reel=case_file("B06.png").parent)
+    cfg.write_text(cfg.read_text().replace('pin_factory = "mock"', 'pin_factory = "auto"'))
+    r = subprocess.run(
+        [*QRGATE, "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "GPIOZERO_PIN_FACTORY"},
+    )
+    assert r.returncode == 3
+    lines = [x for x in r.stderr.splitlines() if x.startswith("qrgate: cannot start:")]
+    assert len(lines) == 1, r.stderr
+    assert "no GPIO pin factory could be created" in lines[0]
+    assert "lgpio" in lines[0] and "GPIOZERO_PIN_FACTORY" in lines[0]
+    assert "[gpio] pin_factory" in lines[0]
+    assert "reader ready" not in r.stderr and "Traceback" not in r.stderr

@@ -167,3 +167,12 @@ def test_badge_list_json_shape(tmp_path: Path) -> None:
     write_badges(f, BadgeList.of(allow=[H.subject(ALICE)], version=1))
     doc = json.loads(f.read_text())
     assert doc["allow"][0]["subject"] == H.subject(ALICE) and doc["deny"] == []
+
+
+def test_rewriting_a_badge_list_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "badges.json"
+    write_badges(path, BadgeList.of(allow=["aa" * 32], version=1))
+    path.chmod(0o640)  # the administrator let the reader's group read it
+    write_badges(path, BadgeList.of(allow=["aa" * 32, "bb" * 32], version=2))
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert len(json.loads(path.read_text())["allow"]) == 2

@@ -233,3 +233,20 @@ def test_grant_whose_relay_cannot_be_driven_is_recorded(tmp_path: Path) -> None:
     assert rows[1][:2] == ("incident", "relay_not_driven") and rows[1][2]["scan_seq"] == 1
     assert reader.metrics.granted == 0 and reader.metrics.relay_failures == 1
     assert reader.metrics.frame_to_relay_ms.count == 0
+
+
+def test_a_failed_build_releases_the_lock_and_closes_the_outputs(tmp_path: Path) -> None:
+    from drivers.exceptions import PinFactoryError
+    from firmware.daemon import build_reader
+    from firmware.lock import InstanceLock
+
+    cfg_path = write_reader_config(tmp_path, allow=[HELD])
+    cfg_path.write_text(
+        cfg_path.read_text().replace('pin_factory = "mock"', 'pin_factory = "auto"')
+    )
+    cfg = load_config(cfg_path)
+    with pytest.raises(PinFactoryError, match="no GPIO pin factory could be created"):
+        build_reader(cfg, source=ReplaySource(frames(("B06.png", 1)), fps=30))
+    lock = InstanceLock(cfg.reader.state_dir / "qrgate.lock")
+    lock.acquire()  # raises InstanceLockedError if the failed build kept it
+    lock.release()

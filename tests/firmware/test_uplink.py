@@ -289,8 +289,10 @@ def reader_config(
 class Running:
     """A started reader with its feed camera and a queue of its scan reports."""
 
-    def __init__(self, config: Config, device: str = DEVICE) -> None:
-        self.source = FeedSource()
+    def __init__(
+        self, config: Config, device: str = DEVICE, source: FeedSource | None = None
+    ) -> None:
+        self.source = source if source is not None else FeedSource()
         self.reports: queue.Queue[ScanReport] = queue.Queue()
         self.reader: Reader = build_reader(
             config,
