@@ -45,6 +45,7 @@ class _LazyGroup(click.Group):
         "factory-reset": "firmware.tools.factory_reset:factory_reset",
         "identity": "firmware.tools.identity:identity",
         "keys": "firmware.admin.keys:keys",
+        "ota": "firmware.admin.ota:ota",
         "pass": "firmware.admin.passes:pass_group",
         "provision-mode": "firmware.tools.provision_mode:provision_mode",
         "provision": "firmware.admin.provision:provision",
@@ -639,7 +640,14 @@ def report(**opts: Any) -> None:
         sys.exit(3)
 
 
-@main.group()
+class _LazyFleet(_LazyGroup):
+    lazy: ClassVar[dict[str, str]] = {
+        "jobs": "firmware.admin.fleet_rollout:jobs",
+        "rollout": "firmware.admin.fleet_rollout:rollout",
+    }
+
+
+@main.group(cls=_LazyFleet)
 def fleet() -> None:
     """The readers as the broker sees them."""
 

@@ -14,10 +14,16 @@ happened on each device::
     PENDING_COMMIT --ROLLBACK-->   ROLLED_BACK     reason required
     QUEUED, DOWNLOADING --REJECT-->             REJECTED  reason required
     QUEUED, DOWNLOADING, INSTALLING --FAIL-->   FAILED    reason required
+    QUEUED, DOWNLOADING, INSTALLING --WAIT-->   (same state)  reason required
+                   ("waiting_for_clock", "waiting_for_door_idle": the job is held, not lost)
 
 SUCCEEDED, FAILED, ROLLED_BACK and REJECTED are terminal: nothing leaves them. REJECTED means
 the bundle or the job itself was refused (tampered, downgrade, too little disk); FAILED means
 an accepted update could not be carried out; in both the old release was never touched.
+
+Each transition may carry a ``detail``: one line of text for people (pip's last error lines,
+the exit code of a crashed release), at most :data:`MAX_DETAIL_CHARS` characters, never
+parsed; the next transition replaces it.
 
 Restart after a kill -9 or a power cut (:func:`recover`), given the version now running::
 
@@ -49,6 +55,9 @@ from provisioning.files import NotRegularFileError, fsync_dir, read_regular, wri
 
 #: Largest job file read back (bytes): a job is a few hundred bytes.
 JOB_FILE_CAP = 64 * 1024
+
+#: Longest ``detail`` kept (characters); longer texts are cut (ota.jobs reports as many).
+MAX_DETAIL_CHARS = 256
 
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -88,6 +97,7 @@ class EventKind(enum.StrEnum):
     ROLLBACK = "ROLLBACK"
     REJECT = "REJECT"
     FAIL = "FAIL"
+    WAIT = "WAIT"
 
 
 _S, _E = JobState, EventKind
@@ -106,6 +116,9 @@ TRANSITIONS: dict[tuple[JobState, EventKind], JobState] = {
     (_S.QUEUED, _E.FAIL): _S.FAILED,
     (_S.DOWNLOADING, _E.FAIL): _S.FAILED,
     (_S.INSTALLING, _E.FAIL): _S.FAILED,
+    (_S.QUEUED, _E.WAIT): _S.QUEUED,
+    (_S.DOWNLOADING, _E.WAIT): _S.DOWNLOADING,
+    (_S.INSTALLING, _E.WAIT): _S.INSTALLING,
 }
 
 #: Reason used when the event gives none; events missing here must give a reason.
@@ -124,13 +137,14 @@ class Event:
     """Something that happened to a job.
 
     ``reason`` is a ``snake_case`` code (at most 64 characters), required for ROLLBACK,
-    REJECT and FAIL. ``bytes_done`` and ``bytes_total`` (bytes; total None when unknown) are
-    read only for PROGRESS."""
+    REJECT, FAIL and WAIT. ``bytes_done`` and ``bytes_total`` (bytes; total None when unknown)
+    are read only for PROGRESS. ``detail``: text for people (see the module docstring)."""
 
     kind: EventKind
     reason: str = ""
     bytes_done: int = 0
     bytes_total: int | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,10 @@ class Job:
 
     ``step`` counts transitions (0 when queued) so a report can be ordered and a stale one
     dropped; ``bytes_done``/``bytes_total`` are the download progress in bytes (total None
-    while unknown) and are kept through the later states."""
+    while unknown) and are kept through the later states. ``allow_downgrade``: the job may
+    install an older version (kept so a resumed job checks the target as the request did).
+    ``detail``: one line for people about the last transition ("" when none; at most
+    :data:`MAX_DETAIL_CHARS` characters)."""
 
     job_id: str
     from_version: str
@@ -149,6 +166,8 @@ class Job:
     step: int = 0
     bytes_done: int = 0
     bytes_total: int | None = None
+    allow_downgrade: bool = False
+    detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The job as a JSON-ready dict (the job file and the MQTT job report)."""
@@ -161,6 +180,8 @@ class Job:
             "step": self.step,
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,
+            "allow_downgrade": self.allow_downgrade,
+            "detail": self.detail,
         }
 
     @classmethod
@@ -178,6 +199,8 @@ class Job:
             "step",
             "bytes_done",
             "bytes_total",
+            "allow_downgrade",
+            "detail",
         }
         if set(data) != fields:
             raise JobStateError(f"job record has fields {sorted(data)}, expected {sorted(fields)}")
@@ -190,6 +213,13 @@ class Job:
         total = data["bytes_total"]
         if total is not None and (type(total) is not int or total < 0):
             raise JobStateError("job record field 'bytes_total' is not null or an integer >= 0")
+        if not isinstance(data["allow_downgrade"], bool):
+            raise JobStateError("job record field 'allow_downgrade' is not true or false")
+        detail = data["detail"]
+        if not isinstance(detail, str) or len(detail) > MAX_DETAIL_CHARS:
+            raise JobStateError(
+                f"job record field 'detail' is not a string of at most {MAX_DETAIL_CHARS} chars"
+            )
         try:
             state = JobState(data["state"])
         except ValueError:
@@ -205,7 +235,16 @@ class Job:
             step=data["step"],
             bytes_done=data["bytes_done"],
             bytes_total=total,
+            allow_downgrade=data["allow_downgrade"],
+            detail=detail,
         )
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line of at most :data:`MAX_DETAIL_CHARS` characters (control
+    characters become spaces, runs of blanks one space): a job's ``detail``."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(cleaned.split())[:MAX_DETAIL_CHARS]
 
 
 def _check_reason(reason: str) -> None:
@@ -222,7 +261,7 @@ def advance(job: Job, event: Event) -> Job:
     """The job after ``event`` (a new Job; ``job`` is unchanged).
 
     Raises JobStateError when ``event`` is not legal in ``job.state`` (terminal states accept
-    nothing), when a ROLLBACK, REJECT or FAIL has no reason, when the reason is not a
+    nothing), when a ROLLBACK, REJECT, FAIL or WAIT has no reason, when the reason is not a
     ``snake_case`` code, or when PROGRESS gives negative bytes or more than the total."""
     target = TRANSITIONS.get((job.state, event.kind))
     if target is None:
@@ -238,7 +277,13 @@ def advance(job: Job, event: Event) -> Job:
         _check_progress(event.bytes_done, event.bytes_total)
         done, total = event.bytes_done, event.bytes_total
     return replace(
-        job, state=target, reason=reason, step=job.step + 1, bytes_done=done, bytes_total=total
+        job,
+        state=target,
+        reason=reason,
+        step=job.step + 1,
+        bytes_done=done,
+        bytes_total=total,
+        detail=one_line(event.detail),
     )
 
 

@@ -721,6 +721,152 @@ def bench_credentials(rows: list[Row], hostile: int) -> None:
     )
 
 
+def bench_rollout(rows: list[Row], n: int) -> None:
+    """A staged rollout (ota.rollout) to ``n`` simulated readers (ota.simulator: one paho
+    connection for all) through loopback mosquitto: wall time and broker messages."""
+    if _no_mosquitto(rows, "rollout"):
+        return
+    from ota.mqtt import PahoTransport, plain_client
+    from ota.rollout import DeviceRef, Rollout, RolloutEngine
+    from ota.simulator import FleetSimulator
+
+    canary, batch, site = 10, 250, "bench"
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalBroker(Path(tmp) / "broker", persistence=False) as broker,
+        FleetSimulator(broker.host, broker.port, site, n) as sim,
+        PahoTransport(plain_client("bench-rollout"), broker.host, broker.port) as transport,
+    ):
+        transport.connect()
+        plan = Rollout.create(
+            "1.1.0",
+            [DeviceRef(d, site) for d in sim.devices],
+            canary=canary,
+            batch_size=batch,
+            error_threshold_pct=5,
+        )
+        t0 = time.monotonic()
+        path = Path(tmp) / "rollout.json"
+        status = RolloutEngine(plan, path, transport, wave_timeout_s=600).run()
+        wall = time.monotonic() - t0
+        sent = transport.published + sim.published
+        delivered = transport.received + sim.received
+    succeeded = plan.counts()["SUCCEEDED"]
+    rows.append(
+        (
+            "rollout",
+            f"staged rollout to {n:,} simulated readers (one MQTT connection for all, loopback "
+            f"mosquitto; canary {canary}, waves of {batch}, {len(plan.waves)} waves; each reader "
+            "QUEUED → DOWNLOADING ×3 → INSTALLING → PENDING_COMMIT → SUCCEEDED, retained QoS 1; "
+            "from the first job to the last report; statuses published before)",
+            f"{wall:.1f} s, {status.value}, {succeeded:,} succeeded; broker messages "
+            f"{sent:,} in, {delivered:,} out ({(sent + delivered) / wall:,.0f}/s)",
+            "every reader SUCCEEDED",
+            succeeded == n,
+        )
+    )
+
+
+DOWNLOAD_CHILD = r"""
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+# what the updater process has loaded: the agent, the updater, TUF, paho
+import ota.agent, ota.fetch, ota.install, ota.updater
+from ota.download import download
+
+def status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+url, dest, size = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+digest = bytes.fromhex(sys.argv[5])
+base = status_kb("VmRSS")
+peak = [base]
+done = threading.Event()
+
+def sample():
+    while not done.wait(0.01):
+        peak[0] = max(peak[0], status_kb("VmRSS"))
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+t0 = time.monotonic()
+download(url, dest, expected_size=size, max_size=size, sha256=digest)
+wall = time.monotonic() - t0
+done.set()
+sampler.join()
+peak[0] = max(peak[0], status_kb("VmRSS"))
+print(base, peak[0], status_kb("VmHWM"), f"{wall:.3f}")
+"""
+
+
+def bench_ota_download(rows: list[Row], size_mb: int) -> None:
+    """Peak RSS of an updater-like process (agent, updater, TUF and paho loaded) downloading a
+    ``size_mb`` MB bundle through the real resumable downloader (ota.download) from
+    http.server on loopback, sampled every 10 ms; the bytes are checked against their SHA-256."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    size = size_mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Path(tmp) / "served"
+        served.mkdir()
+        digest = hashlib.sha256()
+        with (served / "qrgate-bench.tar").open("wb") as f:
+            for _ in range(size_mb):
+                chunk = os.urandom(1024 * 1024)
+                digest.update(chunk)
+                f.write(chunk)
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
+        )
+        thread = threading.Thread(target=server.serve_forever, name="bench-http", daemon=True)
+        thread.start()
+        dest = Path(tmp) / "cache" / "qrgate-bench.tar"
+        dest.parent.mkdir()
+        url = f"http://127.0.0.1:{server.server_address[1]}/qrgate-bench.tar"
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", DOWNLOAD_CHILD, str(REPO), url, str(dest), str(size),
+                 digest.hexdigest()],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=600,
+                check=False,
+            )  # fmt: skip
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        whole = dest.is_file() and dest.stat().st_size == size
+    if out.returncode != 0 or not whole:
+        rows.append(("ota", "download RSS", f"failed: {out.stderr[-300:]}", "", False))
+        return
+    base_kb, peak_kb, hwm_kb, wall = (float(x) for x in out.stdout.split())
+    rows.append(
+        (
+            "ota",
+            f"updater RSS while downloading a {size_mb} MB bundle (ota.download, one process "
+            "with the agent, updater, TUF and paho loaded; loopback http.server; RSS sampled "
+            "every 10 ms; SHA-256 checked)",
+            f"peak {peak_kb / 1024:.1f} MB (before the download {base_kb / 1024:.1f} MB: "
+            f"+{(peak_kb - base_kb) / 1024:.1f} MB; VmHWM {hwm_kb / 1024:.1f} MB); "
+            f"{size / wall / 1e6:.0f} MB/s",
+            "flat, ≤ 60 MB",
+            peak_kb <= 60 * 1024 and peak_kb - base_kb < 5 * 1024,
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
@@ -729,7 +875,8 @@ def main() -> None:
         action="append",
         metavar="SECTION",
         help="run only this section (repeatable): decode, latency, idle, journal, memory, "
-        "uplink-drain, uplink-memory, uplink-outage, credentials, service, lores",
+        "uplink-drain, uplink-memory, uplink-outage, credentials, service, lores, rollout, "
+        "ota-download",
     )
     ap.add_argument(
         "--hostile",
@@ -775,6 +922,8 @@ def main() -> None:
             lambda: bench_service(rows, 3 if args.quick else 7, 5 if args.quick else 20),
         ),
         ("lores", "picamera2 lores path", lambda: bench_lores_idle(rows, 5 if args.quick else 20)),
+        ("rollout", "fleet rollout", lambda: bench_rollout(rows, 1_000)),
+        ("ota-download", "OTA download memory", lambda: bench_ota_download(rows, 50)),
     ]
     known = [key for key, _, _ in steps]
     for key in args.only or ():

@@ -52,7 +52,21 @@ topic (after the prefix)  direction    QoS    retained  payload
                                                         (:mod:`firmware.uplink.credentials`);
                                                         also site-wide, see below; the outcome
                                                         is the status's ``"credentials"``
-``ota/job``, ``ota/state``  both       1      yes       reserved: the OTA issue
+``ota/job``               → reader     1      yes       ``{"job_id", "version",
+                                                        "allow_downgrade": bool, "rollout",
+                                                        "issued_wall_ns"}``: an update job
+                                                        (:class:`ota.jobs.JobRequest`); the same
+                                                        ``job_id`` again is the same job (ignored
+                                                        once known); an empty payload cancels a
+                                                        job that has not started downloading
+``ota/state``             reader →     1      yes       ``{"device", "site", "job_id", "state",
+                                                        "reason", "from_version", "to_version",
+                                                        "step", "bytes_done", "bytes_total",
+                                                        "current_version", "detail",
+                                                        "wall_ns"}``: the reader's last job
+                                                        report (:class:`ota.jobs.StatePayload`;
+                                                        states and reason codes in
+                                                        :mod:`ota.job`)
 ========================  ===========  =====  ========  =========================================
 
 Delivery contract: a reader publishes unsent journal rows in seq order, at most a window of

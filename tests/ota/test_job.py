@@ -10,6 +10,7 @@ import pytest
 
 from ota.exceptions import JobStateError, OtaError
 from ota.job import (
+    MAX_DETAIL_CHARS,
     TRANSITIONS,
     Event,
     EventKind,
@@ -45,6 +46,9 @@ LEGAL = [
     (S.QUEUED, Event(E.FAIL, "clock_not_synced"), S.FAILED, "clock_not_synced"),
     (S.DOWNLOADING, Event(E.FAIL, "download_gave_up"), S.FAILED, "download_gave_up"),
     (S.INSTALLING, Event(E.FAIL, "pip_failed"), S.FAILED, "pip_failed"),
+    (S.QUEUED, Event(E.WAIT, "waiting_for_clock"), S.QUEUED, "waiting_for_clock"),
+    (S.DOWNLOADING, Event(E.WAIT, "waiting_for_clock"), S.DOWNLOADING, "waiting_for_clock"),
+    (S.INSTALLING, Event(E.WAIT, "waiting_for_door_idle"), S.INSTALLING, "waiting_for_door_idle"),
 ]
 
 
@@ -81,7 +85,12 @@ def test_terminal_states_accept_nothing() -> None:
 
 
 def test_failure_events_need_a_reason_code() -> None:
-    for state, kind in [(S.QUEUED, E.FAIL), (S.QUEUED, E.REJECT), (S.PENDING_COMMIT, E.ROLLBACK)]:
+    for state, kind in [
+        (S.QUEUED, E.FAIL),
+        (S.QUEUED, E.REJECT),
+        (S.PENDING_COMMIT, E.ROLLBACK),
+        (S.INSTALLING, E.WAIT),
+    ]:
         with pytest.raises(JobStateError, match="needs a reason code"):
             advance(job_in(state), Event(kind))
     for bad in ["Bad", "has space", "x" * 65, "1st", "a-b"]:
@@ -100,6 +109,24 @@ def test_progress_is_recorded_and_kept() -> None:
     for done, total in [(-1, 10), (11, 10), (1, -5)]:
         with pytest.raises(JobStateError, match="impossible download progress"):
             advance(job_in(S.DOWNLOADING), Event(E.PROGRESS, bytes_done=done, bytes_total=total))
+
+
+def test_detail_is_one_capped_line_replaced_by_the_next_step() -> None:
+    job = advance(job_in(S.INSTALLING), Event(E.WAIT, "waiting_for_door_idle", detail="x"))
+    assert job.detail == "x"
+    noisy = "pip: error\n\tline two\x1b[31m " + "y" * 400
+    failed = advance(job, Event(E.FAIL, "install_failed", detail=noisy))
+    assert failed.detail.startswith("pip: error line two [31m yyy")
+    assert len(failed.detail) == MAX_DETAIL_CHARS
+    assert advance(job_in(S.QUEUED), Event(E.START)).detail == ""
+    downgrade = Job("j", "2.0", "1.0", allow_downgrade=True, detail="d")
+    assert Job.from_dict(json.loads(json.dumps(downgrade.to_dict()))) == downgrade
+
+
+def test_waiting_keeps_the_download_progress() -> None:
+    job = job_in(S.DOWNLOADING, 40, 100)
+    waited = advance(job, Event(E.WAIT, "waiting_for_clock"))
+    assert (waited.state, waited.bytes_done, waited.bytes_total) == (S.DOWNLOADING, 40, 100)
 
 
 def test_error_hierarchy() -> None:
@@ -123,6 +150,8 @@ def test_store_round_trip_and_mode(tmp_path: Path) -> None:
         "step": 2,
         "bytes_done": 300,
         "bytes_total": 900,
+        "allow_downgrade": False,
+        "detail": "",
     }
     assert os.stat(tmp_path / "job.json").st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # no temp files left
@@ -154,6 +183,9 @@ DAMAGED = [
     (json.dumps({**GOOD, "to_version": ""}).encode(), "'to_version' is not a non-empty string"),
     (json.dumps({**GOOD, "reason": "Bad Reason"}).encode(), "snake_case"),
     (json.dumps({**GOOD, "bytes_done": 5, "bytes_total": 4}).encode(), "impossible"),
+    (json.dumps({**GOOD, "allow_downgrade": 1}).encode(), "'allow_downgrade' is not true"),
+    (json.dumps({**GOOD, "detail": "x" * 257}).encode(), "'detail' is not a string"),
+    (json.dumps({**GOOD, "detail": None}).encode(), "'detail' is not a string"),
     (b"\xff\xfe", "damaged job file"),
 ]
 
