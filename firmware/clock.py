@@ -34,29 +34,41 @@ class _Timex(ctypes.Structure):
     ]
 
 
+TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
+"""Touched by systemd-timesyncd once it synchronised the clock (systemd >= 239)."""
+
+
 class KernelClock:
     """Asks the kernel whether NTP has synchronised the clock (adjtimex(2), a read-only call
-    of about a microsecond). libc is located once here: ``ctypes.util.find_library`` runs
-    a subprocess, which must never happen on the scan path."""
+    of about a microsecond); where a seccomp filter refuses adjtimex (systemd's
+    ProtectClock=), systemd-timesyncd's flag file ``flag`` answers instead. libc is located
+    once here: ``ctypes.util.find_library`` runs a subprocess, which must never happen on the
+    scan path."""
 
-    def __init__(self) -> None:
-        try:
-            self._libc: ctypes.CDLL | None = ctypes.CDLL(
-                ctypes.util.find_library("c") or "libc.so.6", use_errno=True
-            )
-        except OSError:
-            self._libc = None
+    def __init__(self, flag: Path = TIMESYNC_FLAG, libc: ctypes.CDLL | None = None) -> None:
+        self._flag = flag
+        self._libc: ctypes.CDLL | None = libc
+        if libc is None:
+            try:
+                self._libc = ctypes.CDLL(
+                    ctypes.util.find_library("c") or "libc.so.6", use_errno=True
+                )
+            except OSError:
+                self._libc = None
 
     def __call__(self) -> bool:
-        """True when synchronised; False when not, or when it cannot be asked."""
+        """True when synchronised; False when not, or when neither the kernel nor the flag
+        file can tell."""
         if self._libc is None:
-            return False
+            return self._flag.exists()
         tx = _Timex()
         try:
             state = self._libc.adjtimex(ctypes.byref(tx))
         except AttributeError:
-            return False
-        return bool(state not in (-1, _TIME_ERROR) and not (tx.status & _STA_UNSYNC))
+            return self._flag.exists()
+        if state == -1:
+            return self._flag.exists()
+        return bool(state != _TIME_ERROR and not (tx.status & _STA_UNSYNC))
 
 
 class ClockStatus:

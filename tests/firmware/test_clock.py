@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 from pathlib import Path
 
-from firmware.clock import ClockState, ClockStatus, ClockTrust
+from firmware.clock import ClockState, ClockStatus, ClockTrust, KernelClock
 
 
 def test_clock_status_caches_and_reprobes() -> None:
@@ -115,3 +117,27 @@ def test_unreadable_last_sync_starts_untrusted(tmp_path: Path) -> None:
     assert t.state() is ClockState.UNTRUSTED and t.floor_s() == 0.0
     path.write_text(json.dumps({"wall_ns": 1, "mono_ns": "x", "boot_id": "boot-a"}))
     assert _trust(c, path).floor_s() == 0.0
+
+
+class _RefusingLibc:
+    """adjtimex(2) as a seccomp filter answers it under systemd's ProtectClock=: -1, EPERM."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def adjtimex(self, tx: object) -> int:
+        self.calls += 1
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+
+def test_kernel_clock_falls_back_to_timesyncd_flag_when_adjtimex_is_refused(
+    tmp_path: Path,
+) -> None:
+    libc = _RefusingLibc()
+    flag = tmp_path / "synchronized"
+    probe = KernelClock(flag, libc=libc)  # type: ignore[arg-type]
+    assert probe() is False
+    flag.touch()
+    assert probe() is True
+    assert libc.calls == 2
