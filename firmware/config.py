@@ -36,6 +36,7 @@ AUTOFOCUS_MODES = ("continuous", "off")
 FOCUS_RANGES = ("macro", "normal", "full")
 UPLINK_TRANSPORTS = ("tcp", "tls")
 UPLINK_PROTOCOLS = ("3.1.1", "5")
+DEVICE_TYPES = ("rpi4", "rpi5")
 # a fleet id as provisioning.qr.check_fleet takes it (not imported: config loads light)
 _FLEET = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
@@ -250,6 +251,42 @@ class ProvisioningConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Over-the-air updates: the updater service (``qrgate ota agent``) and the daemon's
+    door-activity file. Never settable remotely (not in the desired-config keys).
+
+    ``repo_url``: the TUF repository's base URL (http or https; TUF checks every byte, so
+    plain http is safe against tampering but shows what is downloaded); "" when updates are
+    not set up (the updater refuses to start). ``trusted_root``: the TUF ``root.json``
+    installed with the firmware (the first trusted root; later ones come signed through the
+    repository; the updater unit starts only when the default path exists).
+    ``install_root``: the release folders and the ``current``/``previous`` links.
+    ``state_dir``: the updater's own state (TUF metadata, download cache, job file).
+    ``device_type``: "rpi4" or "rpi5" (bundles name the types they run on); None: read from
+    /proc/device-tree/model. ``keep``: releases kept (current and previous always are).
+    ``health_deadline_s``: seconds the new release has to become healthy before it is rolled
+    back. ``quiet_s``: seconds without a scan (and no relay pulse) before the daemon may be
+    restarted. ``activity_file``: the JSON file the daemon writes on every decided scan and
+    relay pulse, which the updater reads (on tmpfs: the daemon's RuntimeDirectory).
+    ``max_bundle_mb``: the largest bundle accepted, MiB. ``clock_wait_s``: seconds a job
+    waits for a synced clock later than the bundle's build time before it is rejected with
+    the clock as the reason.
+    """
+
+    repo_url: str = ""
+    trusted_root: Path = Path("/etc/qrgate/ota-root.json")
+    install_root: Path = Path("/opt/qrgate")
+    state_dir: Path = Path("/var/lib/qrgate-updater")
+    device_type: str | None = None
+    keep: int = 3
+    health_deadline_s: float = 120.0
+    quiet_s: float = 5.0
+    activity_file: Path = Path("/run/qrgate/activity.json")
+    max_bundle_mb: int = 400
+    clock_wait_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole reader configuration. ``source``: the file it came from ("<defaults>")."""
 
@@ -262,6 +299,7 @@ class Config:
     journal: JournalConfig = field(default_factory=JournalConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     source: str = "<defaults>"
 
     @property
@@ -441,6 +479,7 @@ def parse_config(
         "journal",
         "uplink",
         "provisioning",
+        "ota",
     ):
         top.used.add(name)
         sections[name] = _Section(file, name, data.get(name, {}), base)
@@ -598,6 +637,7 @@ def parse_config(
 
     uplink = _uplink(sections["uplink"])
     provisioning = _provisioning(sections["provisioning"])
+    ota = _ota(sections["ota"])
 
     return Config(
         reader=reader,
@@ -609,6 +649,7 @@ def parse_config(
         journal=journal,
         uplink=uplink,
         provisioning=provisioning,
+        ota=ota,
         source=file,
     )
 
@@ -721,6 +762,45 @@ def _provisioning(s: _Section) -> ProvisioningConfig:
         enroll_password_file=s.path("enroll_password_file", None),
     )
     s.done()
+    return c
+
+
+def _repo_url(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > 1024 or not v.isprintable() or " " in v:
+        raise ValueError
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError
+    return v.rstrip("/")
+
+
+def _ota(s: _Section) -> OtaConfig:
+    d = OtaConfig
+    c = OtaConfig(
+        repo_url=s.get(
+            "repo_url", d.repo_url, _repo_url, "an http:// or https:// URL of a TUF repository"
+        ),
+        trusted_root=s.path("trusted_root", d.trusted_root) or d.trusted_root,
+        install_root=s.path("install_root", d.install_root) or d.install_root,
+        state_dir=s.path("state_dir", d.state_dir) or d.state_dir,
+        device_type=s.get(
+            "device_type",
+            None,
+            lambda v: v if v in DEVICE_TYPES else _raise(),
+            "one of " + ", ".join(repr(t) for t in DEVICE_TYPES),
+        ),
+        keep=s.number("keep", d.keep, 1, 20, integer=True),
+        health_deadline_s=float(s.number("health_deadline_s", d.health_deadline_s, 10, 3600)),
+        quiet_s=float(s.number("quiet_s", d.quiet_s, 0, 600)),
+        activity_file=s.path("activity_file", d.activity_file) or d.activity_file,
+        max_bundle_mb=s.number("max_bundle_mb", d.max_bundle_mb, 1, 4096, integer=True),
+        clock_wait_s=float(s.number("clock_wait_s", d.clock_wait_s, 0, 86400)),
+    )
+    s.done()
+    if c.state_dir == c.install_root:
+        raise ConfigError(
+            s.file, "ota.state_dir", "a folder other than ota.install_root", _kind(str(c.state_dir))
+        )
     return c
 
 

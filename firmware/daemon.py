@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.frames import FrameSource
 from firmware import __version__
+from firmware.activity import ActivityDoor, ActivityWriter
 from firmware.clock import ClockState, ClockTrust
 from firmware.config import Config, UplinkConfig
 from firmware.decoding.codes import Decoder
@@ -201,21 +202,49 @@ def make_door_monitor(
     inputs: DoorInputs,
     feedback: Any,
     record: Callable[[str, dict[str, object]], None],
+    *,
+    activity: ActivityWriter | None = None,
 ) -> DoorMonitor:
     """The door state machine over ``inputs``: held-open and forced-open alarms, the exit
-    button unlocking the relay (``[doors] exit_unlocks``), tamper."""
+    button unlocking the relay (``[doors] exit_unlocks``; the pulse is recorded in
+    ``activity`` when given), tamper."""
     from firmware.doors import DoorMonitor
 
     relay = feedback.relay
+    unlock: Callable[[], object] | None = None
+    if relay is not None:
+
+        def unlock() -> object:
+            t_ns = relay.pulse()
+            if activity is not None:
+                activity.on_pulse(t_ns, None)
+            return t_ns
+
     return DoorMonitor(
         inputs,
         relay_unlocked=lambda: relay is not None and relay.is_unlocked,
-        unlock=relay.pulse if relay is not None else None,
+        unlock=unlock,
         record=record,
         held_open_s=config.doors.held_open_s,
         exit_unlocks=config.doors.exit_unlocks,
         grace_s=config.doors.grace_s,
     )
+
+
+def make_activity(config: Config, feedback: Any) -> ActivityWriter | None:
+    """The door-activity file of ``[ota] activity_file`` (see :mod:`firmware.activity`);
+    None when its folder does not exist (not under systemd, whose RuntimeDirectory= makes
+    it: nobody updates this reader, so nobody reads the file)."""
+    path = config.ota.activity_file
+    if not path.parent.is_dir():
+        log.info("door activity file off: %s does not exist", path.parent)
+        return None
+    relay = feedback.relay
+
+    def pulse_s() -> float:
+        return float(relay.pulse_s) if relay is not None else config.gpio.pulse_s
+
+    return ActivityWriter(path, pulse_s=pulse_s)
 
 
 def _door_event(
@@ -734,6 +763,7 @@ def build_reader(
             # one assignment: a scan decides on the old set or the new one, never on a mix
             policy.credentials = credentials
 
+        activity = make_activity(config, feedback)
         if config.uplink.enabled:
             try:
                 device = device_id if device_id is not None else read_device_id()
@@ -745,7 +775,7 @@ def build_reader(
                     device=device,
                     boot_id=boot,
                     journal=journal,
-                    feedback=feedback,
+                    feedback=feedback if activity is None else ActivityDoor(feedback, activity),
                     policy=policy,
                     state=reader_state,
                     metrics=metrics,
@@ -757,7 +787,12 @@ def build_reader(
                         snapshots, install, reader_state.credentials_outcome
                     ),
                 )
-        scan_listeners = tuple(listeners) + ((uplink.on_scan,) if uplink is not None else ())
+        # the activity file first: the updater must see a scan before anything slow runs
+        scan_listeners = (
+            ((activity.on_scan,) if activity is not None else ())
+            + tuple(listeners)
+            + ((uplink.on_scan,) if uplink is not None else ())
+        )
         scan = ScanLoop(
             frames=frames,
             decoder=dec,
@@ -791,6 +826,7 @@ def build_reader(
                 lambda code, detail: _door_event(
                     journal, config, code, detail, synced(), uplink=uplink
                 ),
+                activity=activity,
             )
             if door_inputs is not None
             else None

@@ -13,7 +13,9 @@
 # /opt/qrgate/current links to the release in use and is switched atomically (rename over the
 # old link), so the service always starts a complete release. /etc/qrgate/qrgate.toml: the
 # reader's config (an example is written only when there is none). /var/lib/qrgate: journal
-# and state. The unit qrgate.service goes to /etc/systemd/system and is enabled.
+# and state. The units qrgate.service and qrgate-updater.service (the over-the-air updater,
+# root; it starts once /etc/qrgate/ota-root.json is installed and [ota] repo_url is set) go to
+# /etc/systemd/system and are enabled.
 set -euo pipefail
 
 usage() {
@@ -75,12 +77,14 @@ LIVE=1
 [ -n "$ROOT" ] && LIVE=0
 
 SERVICE=qrgate.service
+UPDATER=qrgate-updater.service
 USER_NAME=qrgate
 GROUPS_EXTRA=(gpio video)
 DEB_PACKAGES=(python3-picamera2 libzbar0 python3-lgpio python3-venv python3-systemd)
 OPT=$ROOT/opt/qrgate
 ETC=$ROOT/etc/qrgate
 STATE=$ROOT/var/lib/qrgate
+UPDATER_STATE=$ROOT/var/lib/qrgate-updater
 UNIT_DIR=$ROOT/etc/systemd/system
 
 say() { printf 'qrgate install: %s\n' "$*" >&2; }
@@ -128,16 +132,20 @@ if [ "$LIVE" = 1 ] && [ "$(id -u)" != 0 ]; then
 fi
 
 uninstall() {
-  if [ "$LIVE" = 1 ] && command -v systemctl >/dev/null 2>&1; then
-    systemctl disable --now "$SERVICE" 2>/dev/null || true
-  else
-    say "would run: systemctl disable --now $SERVICE"
-  fi
-  rm -f "$UNIT_DIR/$SERVICE" "$UNIT_DIR/multi-user.target.wants/$SERVICE"
+  local unit
+  # the updater first: it must not restart the reader while it is being removed
+  for unit in "$UPDATER" "$SERVICE"; do
+    if [ "$LIVE" = 1 ] && command -v systemctl >/dev/null 2>&1; then
+      systemctl disable --now "$unit" 2>/dev/null || true
+    else
+      say "would run: systemctl disable --now $unit"
+    fi
+    rm -f "$UNIT_DIR/$unit" "$UNIT_DIR/multi-user.target.wants/$unit"
+  done
   run systemctl daemon-reload
   rm -rf "$OPT"
   if [ "$PURGE" = 1 ]; then
-    rm -rf "$ETC" "$STATE"
+    rm -rf "$ETC" "$STATE" "$UPDATER_STATE"
     if [ "$LIVE" = 0 ]; then
       say "would run (when the user exists): userdel $USER_NAME"
     elif getent passwd "$USER_NAME" >/dev/null; then
@@ -268,19 +276,32 @@ buzzer_pin = 12
 # contact_pin = 22            # door contact (closed while shut) to GND
 # exit_pin = 23               # request-to-exit button to GND
 # tamper_pin = 24             # tamper switch (closed while the case is shut) to GND
+
+[ota]
+# over-the-air updates (qrgate-updater.service); jobs come over the [uplink] broker
+# repo_url = "https://updates.example.org/qrgate"   # the TUF repository
+# trusted_root = "/etc/qrgate/ota-root.json"        # its root.json, installed by hand
+# keep = 3                    # releases kept in /opt/qrgate/releases
+# health_deadline_s = 120     # a new release must be healthy within this, or it is rolled back
+# quiet_s = 5                 # restart only after this long without a scan or relay pulse
 EOF
 }
 
 install_unit() {
+  local unit
   mkdir -p "$UNIT_DIR"
-  install -m 0644 "$SRC/scripts/$SERVICE" "$UNIT_DIR/$SERVICE.new"
-  mv "$UNIT_DIR/$SERVICE.new" "$UNIT_DIR/$SERVICE"
+  for unit in "$SERVICE" "$UPDATER"; do
+    install -m 0644 "$SRC/scripts/$unit" "$UNIT_DIR/$unit.new"
+    mv "$UNIT_DIR/$unit.new" "$UNIT_DIR/$unit"
+  done
   run systemctl daemon-reload
-  run systemctl enable "$SERVICE"
-  if [ "$LIVE" = 1 ] && systemctl is-active --quiet "$SERVICE"; then
-    say "restarting the running service on the new release"
-    systemctl restart "$SERVICE"
-  fi
+  run systemctl enable "$SERVICE" "$UPDATER"
+  for unit in "$SERVICE" "$UPDATER"; do
+    if [ "$LIVE" = 1 ] && systemctl is-active --quiet "$unit"; then
+      say "restarting the running $unit on the new release"
+      systemctl restart "$unit"
+    fi
+  done
 }
 
 main() {

@@ -204,3 +204,26 @@ def test_an_empty_or_missing_root_is_refused_not_taken_for_this_machine(args: li
     assert r.returncode == 2
     assert "--root needs a folder" in r.stderr
     assert "apt-get" not in r.stderr and "would run" not in r.stderr
+
+
+def test_the_updater_unit_is_installed_enabled_and_removed(tmp_path: Path) -> None:
+    root = tmp_path / "sd"
+    units = root / "etc" / "systemd" / "system"
+    r = install(root)
+    unit = units / "qrgate-updater.service"
+    assert unit.read_bytes() == (REPO / "scripts" / "qrgate-updater.service").read_bytes()
+    assert unit.stat().st_mode & 0o777 == 0o644
+    assert "would run: systemctl enable qrgate.service qrgate-updater.service" in r.stderr
+    # its state folder comes from StateDirectory= at its first start; a purge removes it
+    updater_state = root / "var" / "lib" / "qrgate-updater"
+    updater_state.mkdir()
+    (updater_state / "job.json").write_text("{}")
+    r = install(root, "--uninstall")
+    assert not unit.exists() and not (units / "qrgate.service").exists()
+    said = r.stderr
+    assert said.index("disable --now qrgate-updater.service") < said.index(
+        "disable --now qrgate.service"
+    )
+    assert (updater_state / "job.json").exists()  # kept without --purge
+    install(root, "--uninstall", "--purge")
+    assert not updater_state.exists()

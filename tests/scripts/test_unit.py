@@ -74,6 +74,8 @@ def test_unit_keys() -> None:
         "SupplementaryGroups": "gpio video",
         "StateDirectory": "qrgate",
         "ConfigurationDirectory": "qrgate",
+        # the door-activity file for the updater ([ota] activity_file's default folder)
+        "RuntimeDirectory": "qrgate",
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
         "DevicePolicy": "closed",
