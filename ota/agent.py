@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ota.exceptions import FleetTransportError, JobPayloadError, OtaError
-from ota.job import Job
+from ota.job import Event, EventKind, Job, advance
 from ota.jobs import JobRequest, OtaTopics, StatePayload, check_id
 from ota.mqtt import Transport
 from provisioning.files import NotRegularFileError, read_regular, write_atomic
@@ -291,13 +291,16 @@ class Agent:
             self.stats.rejected += 1
             log.warning("update job rejected: %s", e)
             return
+        if request is None:
+            with self._cond:
+                cancelled, self._waiting = self._waiting, None
+            if cancelled is not None:
+                self.stats.cancelled += 1
+                log.info("job %s cancelled before it started", cancelled.job_id)
+                # the rollout waits for a terminal state from every reader it sent a job to
+                self.report(self._cancelled(cancelled))
+            return
         with self._cond:
-            if request is None:
-                if self._waiting is not None:
-                    self.stats.cancelled += 1
-                    log.info("job %s cancelled before it started", self._waiting.job_id)
-                    self._waiting = None
-                return
             if request.job_id in (self._last_finished, self._running):
                 self.stats.duplicates += 1
                 log.debug("job %s already finished or running: ignored", request.job_id)
@@ -310,6 +313,14 @@ class Agent:
                 )
             self._waiting = request
             self._cond.notify_all()
+
+    def _cancelled(self, request: JobRequest) -> Job:
+        try:
+            current = self._current_version() or ""
+        except OtaError:
+            current = ""
+        queued = Job(job_id=request.job_id, from_version=current, to_version=request.version)
+        return advance(queued, Event(EventKind.REJECT, "cancelled"))
 
     # --- the worker --------------------------------------------------------------------------
 

@@ -310,7 +310,13 @@ def test_a_waiting_job_is_cancelled_by_an_empty_retained_job(
     # job-b never ran, and nothing ran after job-a
     assert wait_until(lambda: running.agent.stats.published >= 2)
     assert running.updater.calls == [("resume", None), ("run", "job-a")]
-    assert all(s.job_id == "job-a" for s in states.pump())
+    # the cancelled job is reported REJECTED "cancelled": a rollout waits for every reader
+    cancelled = states.terminal("job-b")
+    assert (cancelled.state, cancelled.reason, cancelled.to_version) == (
+        JobState.REJECTED,
+        "cancelled",
+        "3.0",
+    )
 
 
 def test_states_from_while_the_broker_was_killed_arrive_after_it_is_back(
