@@ -11,6 +11,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import click
+
+from firmware.cli import main
 from firmware.ota_agent import ota_agent_command
 from tests.scripts.test_unit import INSTALLED_QRGATE, one, parse_unit, systemd_analyze
 
@@ -47,8 +50,13 @@ def test_exec_start_is_the_agent_command() -> None:
     argv = shlex.split(one(parse_unit(UNIT), "Service", "ExecStart"))
     assert argv[:3] == [INSTALLED_QRGATE, "ota", "agent"]
     assert argv[3] == "--config"
-    assert ota_agent_command.name == "agent"
-    assert any("--config" in p.opts for p in ota_agent_command.params)
+    # the unit's command line resolves through the real CLI to the agent's command
+    ctx = click.Context(main)
+    group = main.get_command(ctx, argv[1])
+    assert isinstance(group, click.Group)
+    command = group.get_command(ctx, argv[2])
+    assert command is ota_agent_command
+    assert any("--config" in p.opts for p in command.params)
 
 
 def test_systemd_security_exposure(tmp_path: Path) -> None:
