@@ -184,7 +184,7 @@ def build_agent(config: Config, *, device: str) -> Agent:
             releases,
             version,
             python=SYSTEM_PYTHON,
-            pip=[sys.executable, "-m", "pip"],
+            pip=None,  # each release gets its own pip, so it can install the next one
             max_bytes=max_bytes,
         )
 

@@ -9,6 +9,12 @@ new link under a temporary name, renames it over the old one with ``os.replace``
 atomic: a reader of ``current`` sees the old target or the new one, never no link) and then
 fsyncs the root folder so the rename survives a power cut.
 
+A release folder is complete once its stamp ``.qrgate-release`` (the version and a newline)
+exists: the installer (``ota.install`` on the device, ``scripts/install.sh`` for the first
+release) writes it last, after everything else is on disk. ``current`` is only ever switched
+to a stamped release; a folder without a stamp is a killed install, removed by
+:meth:`Releases.sweep_incomplete`.
+
 Version strings are a simple subset of PEP 440: ``N(.N){0,3}`` with an optional ``aN``,
 ``bN`` or ``rcN`` pre-release, at most 32 characters; anything else (``..``, ``/``, spaces,
 leading dots) is refused before it can name a path.
@@ -25,7 +31,7 @@ import stat
 from pathlib import Path
 
 from ota.exceptions import ReleaseError
-from provisioning.files import fsync_dir
+from provisioning.files import NotRegularFileError, fsync_dir, read_regular, write_atomic
 
 _VERSION = re.compile(
     r"(?P<release>[0-9]{1,9}(?:\.[0-9]{1,9}){0,3})(?:(?P<pre>a|b|rc)(?P<n>[0-9]{1,9}))?"
@@ -33,6 +39,11 @@ _VERSION = re.compile(
 _PRE_ORDER = {"a": 0, "b": 1, "rc": 2}
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+STAGING_PREFIX = ".staging-"
+"""Hidden folders under ``releases/`` where an installer unpacks a bundle (swept when left)."""
+STAMP = ".qrgate-release"
+"""The file that marks a release folder complete (written last; content: version + newline)."""
+_STAMP_CAP = 64
 
 
 def check_version(version: str) -> str:
@@ -128,11 +139,75 @@ class Releases:
             raise
         fsync_dir(self.root)
 
+    def is_complete(self, version: str) -> bool:
+        """True when the folder of ``version`` is a real folder holding the stamp
+        :data:`STAMP` (a regular file, not a link) that names ``version``. Raises
+        ReleaseError on an invalid version."""
+        folder = self.path(version)
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                return False
+            data, _mode = read_regular(folder / STAMP, _STAMP_CAP, follow_symlinks=False)
+        except (OSError, NotRegularFileError):
+            return False
+        return data.decode(errors="replace").strip() == version
+
+    def complete(self, version: str) -> None:
+        """Mark the installed folder of ``version`` complete: flush every file written into
+        it to disk (``os.sync``: the venv's files were written without fsync), then write the
+        stamp atomically. Call it last. Raises ReleaseError when the folder is missing."""
+        self._require(version)
+        # without this a power cut could leave a stamp next to files the disk never got
+        os.sync()
+        write_atomic(self.path(version) / STAMP, f"{version}\n".encode(), 0o644, overwrite=True)
+
+    def discard(self, version: str) -> None:
+        """Remove the folder of ``version`` (renamed to a hidden trash name first, so a kill
+        leaves no half-removed release under its name). Raises ReleaseError when it is
+        ``current`` or ``previous``; no error when it does not exist."""
+        if version in (self.current_version(), self.previous_version()):
+            raise ReleaseError(f"release {version} is current or previous: not removed")
+        self._trash(self.path(version))
+
+    def _trash(self, folder: Path) -> None:
+        trash = self.releases_dir / f"{_TRASH_PREFIX}{folder.name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.releases_dir)
+        shutil.rmtree(trash)
+
+    def sweep_incomplete(self) -> builtins.list[str]:
+        """Remove release folders without a stamp (installs cut short by a kill -9 or power
+        cut) unless ``current`` or ``previous`` points at them, and leftover staging folders;
+        returns the removed versions, oldest first. Not safe while an install runs: the
+        updater calls it before it starts one."""
+        self._sweep()
+        spare = {self.current_version(), self.previous_version()}
+        removed = [v for v in self.list() if v not in spare and not self.is_complete(v)]
+        for version in removed:
+            self._trash(self.path(version))
+        try:
+            entries = builtins.list(os.scandir(self.releases_dir))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+        return removed
+
     def switch(self, version: str) -> None:
         """Point ``current`` at ``version`` atomically; the release it pointed to becomes
         ``previous`` first (written the same way), unless it was ``version`` already.
-        Raises ReleaseError when ``version`` is invalid or not installed as a real folder."""
+        Raises ReleaseError when ``version`` is invalid, not installed as a real folder, or
+        not complete (no stamp: an install that did not finish)."""
         self._require(version)
+        if not self.is_complete(version):
+            raise ReleaseError(
+                f"release {version} is incomplete (no {STAMP} stamp): not switched to; "
+                "install it again"
+            )
         old = self.current_version()
         if old is not None and old != version:
             self._link("previous", old)
@@ -166,13 +241,12 @@ class Releases:
         spare = {self.current_version(), self.previous_version()}
         doomed = [v for v in versions[:-keep] if v not in spare]
         for version in doomed:
-            trash = self.releases_dir / f"{_TRASH_PREFIX}{version}-{secrets.token_hex(4)}"
-            os.rename(self.path(version), trash)
-            fsync_dir(self.releases_dir)
-            shutil.rmtree(trash)
+            self._trash(self.path(version))
         return doomed
 
     def _sweep(self) -> None:
+        if not self.root.is_dir():
+            return
         for entry in os.scandir(self.root):
             if entry.name.startswith(_TMP_PREFIX) and entry.is_symlink():
                 os.unlink(entry.path)

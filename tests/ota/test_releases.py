@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,15 +15,16 @@ from pathlib import Path
 import pytest
 
 from ota.exceptions import OtaError, ReleaseError
-from ota.releases import Releases, check_version, version_key
+from ota.releases import STAMP, Releases, check_version, version_key
 
 
 def install(root: Path, *versions: str) -> Releases:
-    """Release folders holding a marker file named after their version."""
+    """Complete release folders holding a marker file named after their version."""
     for v in versions:
         folder = root / "releases" / v
         folder.mkdir(parents=True)
         (folder / "VERSION").write_text(v)
+        (folder / STAMP).write_text(f"{v}\n")
     return Releases(root)
 
 
@@ -61,8 +63,7 @@ def test_rollback_to_a_removed_folder_is_refused(tmp_path: Path) -> None:
     rel = install(tmp_path, "1.0", "2.0")
     rel.switch("1.0")
     rel.switch("2.0")
-    (tmp_path / "releases" / "1.0" / "VERSION").unlink()
-    (tmp_path / "releases" / "1.0").rmdir()
+    shutil.rmtree(tmp_path / "releases" / "1.0")
     with pytest.raises(ReleaseError, match=r"release 1\.0 is not installed"):
         rel.rollback()
     assert rel.current_version() == "2.0"
@@ -227,3 +228,52 @@ def test_kill_9_during_switch_leaves_a_working_current(tmp_path: Path) -> None:
     )
     assert rel.list() == versions
     assert seen <= set(versions)
+
+
+def test_switch_refuses_an_unstamped_release(tmp_path: Path) -> None:
+    rel = install(tmp_path, "1.0")
+    rel.switch("1.0")
+    half = tmp_path / "releases" / "2.0"
+    half.mkdir()
+    with pytest.raises(ReleaseError, match=r"release 2\.0 is incomplete"):
+        rel.switch("2.0")
+    (half / STAMP).write_text("1.0\n")  # a stamp naming another version is not this one's
+    with pytest.raises(ReleaseError, match="incomplete"):
+        rel.switch("2.0")
+    (half / STAMP).unlink()
+    (half / STAMP).symlink_to(tmp_path / "releases" / "1.0" / STAMP)
+    with pytest.raises(ReleaseError, match="incomplete"):
+        rel.switch("2.0")
+    (half / STAMP).unlink()
+    rel.complete("2.0")
+    assert (half / STAMP).read_text() == "2.0\n"
+    rel.switch("2.0")
+    assert rel.current_version() == "2.0"
+
+
+def test_sweep_incomplete_spares_complete_current_and_previous(tmp_path: Path) -> None:
+    rel = install(tmp_path, "1.0", "1.1", "1.2")
+    rel.switch("1.0")
+    rel.switch("1.1")
+    # previous and current lose their stamps (a release made by hand): still never removed
+    (tmp_path / "releases" / "1.0" / STAMP).unlink()
+    (tmp_path / "releases" / "1.1" / STAMP).unlink()
+    (tmp_path / "releases" / "2.0").mkdir()  # a killed install
+    (tmp_path / "releases" / "2.0" / "bin").mkdir()
+    (tmp_path / "releases" / ".staging-abc" / "wheels").mkdir(parents=True)
+    assert rel.sweep_incomplete() == ["2.0"]
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["1.0", "1.1", "1.2"]
+    assert rel.sweep_incomplete() == []
+    assert Releases(tmp_path / "nothing").sweep_incomplete() == []
+
+
+def test_discard_refuses_current_and_previous(tmp_path: Path) -> None:
+    rel = install(tmp_path, "1.0", "1.1", "1.2")
+    rel.switch("1.0")
+    rel.switch("1.1")
+    for v in ("1.0", "1.1"):
+        with pytest.raises(ReleaseError, match="current or previous"):
+            rel.discard(v)
+    rel.discard("1.2")
+    rel.discard("1.2")  # gone already: nothing to do
+    assert rel.list() == ["1.0", "1.1"]

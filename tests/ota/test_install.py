@@ -1,0 +1,153 @@
+"""Installing real bundles built from this project into release folders: venv, pip from the
+wheelhouse only (--no-index --require-hashes), checks, the stamp written last; failures leave
+nothing under the version's name."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ota.bundle import build_bundle
+from ota.exceptions import InstallError, OtaError, ReleaseError
+from ota.install import import_name, install_release
+from ota.releases import STAMP, Releases
+from tests.ota.conftest import BundleFactory, copy_tree
+
+PIP = [sys.executable, "-m", "pip"]
+BASE_PYTHON: str = getattr(sys, "_base_executable", sys.executable)
+MAX = 1024**3
+
+
+def install(bundle: Path, releases: Releases, version: str, **kw: object) -> Path:
+    opts: dict[str, object] = {
+        "python": BASE_PYTHON,
+        "pip": PIP,
+        "system_site_packages": False,  # wheelhouse only: nothing from this machine
+        "max_bytes": MAX,
+    }
+    opts.update(kw)
+    return install_release(bundle, releases, version, **opts)  # type: ignore[arg-type]
+
+
+def leftovers(releases: Releases) -> list[str]:
+    return sorted(p.name for p in releases.releases_dir.iterdir())
+
+
+def test_installs_a_real_bundle_and_stamps_it_last(
+    native_bundle_factory: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = native_bundle_factory("7.1.0")
+    releases = Releases(tmp_path / "opt")
+    half = releases.path("7.1.0")  # a killed install's leftover: replaced
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "python").write_text("leftover")
+    # pip=None: the venv's own pip (ensurepip), the way one release installs the next
+    dest = install(bundle, releases, "7.1.0", pip=None)
+    assert dest == releases.path("7.1.0")
+    assert (dest / "bin" / "python").is_symlink()  # the venv's, not the leftover file
+    assert (dest / STAMP).read_text() == "7.1.0\n"
+    assert releases.is_complete("7.1.0")
+    assert leftovers(releases) == ["7.1.0"]  # the staging folder is gone
+    out = subprocess.run(
+        [dest / "bin" / "qrgate", "--version"], capture_output=True, text=True, check=True
+    )
+    assert "7.1.0" in out.stdout
+    # installed from the bundle's wheels into the venv, not seen through this interpreter
+    where = subprocess.run(
+        [dest / "bin" / "python", "-I", "-c", "import firmware, numpy; print(firmware.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(dest))
+    releases.switch("7.1.0")
+    assert releases.current_version() == "7.1.0"
+    # a complete release is kept as it is
+    stamp_ns = (dest / STAMP).stat().st_mtime_ns
+    assert install(bundle, releases, "7.1.0") == dest
+    assert (dest / STAMP).stat().st_mtime_ns == stamp_ns
+
+
+def test_wrong_version_and_damaged_bundle_are_refused(
+    native_bundle_factory: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = native_bundle_factory("7.1.0")
+    releases = Releases(tmp_path / "opt")
+    with pytest.raises(InstallError, match=r"holds 7\.1\.0, not 7\.2") as info:
+        install(bundle, releases, "7.2")
+    assert info.value.reason == "bad_bundle"
+    assert leftovers(releases) == []
+    damaged = tmp_path / "damaged.tar"
+    shutil.copyfile(bundle, damaged)
+    with tarfile.open(damaged) as tar:
+        wheel = next(m for m in tar.getmembers() if m.name.startswith("wheels/qrgate-"))
+    with damaged.open("r+b") as f:
+        f.seek(wheel.offset_data + wheel.size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(InstallError) as info:
+        install(damaged, releases, "7.1.0")
+    assert info.value.reason == "bad_bundle"
+    assert "sha256" in info.value.detail.lower() or "SHA-256" in info.value.detail
+    assert leftovers(releases) == []
+    assert issubclass(InstallError, OtaError)
+
+
+def test_venv_failure_leaves_nothing(native_bundle_factory: BundleFactory, tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "opt")
+    with pytest.raises(InstallError) as info:
+        install(native_bundle_factory("7.1.0"), releases, "7.1.0", python=str(tmp_path / "nope"))
+    assert info.value.reason == "install_failed"
+    assert info.value.detail.startswith("venv:")
+    assert leftovers(releases) == []
+
+
+def foreign_wheelhouse(tmp_path: Path) -> Path:
+    """A wheelhouse holding one real wheel tagged for Windows: pip must refuse it here."""
+    project = tmp_path / "tiny"
+    (project / "tiny").mkdir(parents=True)
+    (project / "tiny" / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "tiny"\nversion = "1.0"\n'
+    )
+    built = tmp_path / "built"
+    subprocess.run(
+        [*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", built, project],
+        check=True,
+    )
+    (wheel,) = built.glob("tiny-1.0-*.whl")
+    house = tmp_path / "house"
+    house.mkdir()
+    wheel.rename(house / "tiny-1.0-py3-none-win_amd64.whl")
+    return house
+
+
+def test_failing_pip_leaves_no_folder_and_reports_its_error(tmp_path: Path) -> None:
+    tree = copy_tree(tmp_path / "tree", "7.3.0")
+    bundle = build_bundle(
+        tree, tmp_path / "out", platform="native", wheelhouse=foreign_wheelhouse(tmp_path)
+    )
+    releases = Releases(tmp_path / "opt")
+    with pytest.raises(InstallError) as info:
+        install(bundle, releases, "7.3.0")
+    assert info.value.reason == "install_failed"
+    assert info.value.detail.startswith("pip install:")
+    assert "tiny" in info.value.detail
+    assert len(info.value.detail) <= 260
+    assert leftovers(releases) == []
+    with pytest.raises(ReleaseError, match="not installed"):
+        releases.switch("7.3.0")
+
+
+def test_import_names() -> None:
+    assert import_name("systemd-python") == "systemd"
+    assert import_name("numpy") == "numpy"
+    assert import_name("Foo.Bar-baz") == "foo_bar_baz"
