@@ -109,11 +109,12 @@ def test_unit_commands_exist_in_the_cli() -> None:
         assert any("--config" in p.opts for p in command.params), f"{key}: no --config"
 
 
-def test_systemd_security_exposure(tmp_path: Path) -> None:
-    analyze = systemd_analyze()
-    shutil.copy(UNIT, tmp_path / "qrgate.service")
+def security_exposure(unit: Path, tmp_path: Path) -> float:
+    """`systemd-analyze security --offline` of ``unit`` (copied into ``tmp_path``): its
+    overall exposure level (0.0 best, 10.0 worst)."""
+    shutil.copy(unit, tmp_path / unit.name)
     r = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", "qrgate.service"],
+        [systemd_analyze(), "security", "--offline=true", "--no-pager", unit.name],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -121,10 +122,15 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    m = re.search(r"Overall exposure level for qrgate\.service: (\d+\.\d+)", r.stdout)
+    name = re.escape(unit.name)
+    m = re.search(rf"Overall exposure level for {name}: (\d+\.\d+)", r.stdout)
     assert m, r.stdout[-2000:]
-    exposure = float(m.group(1))
-    assert exposure <= MAX_EXPOSURE, r.stdout
+    return float(m.group(1))
+
+
+def test_systemd_security_exposure(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    assert security_exposure(UNIT, tmp_path) <= MAX_EXPOSURE
     # the same bound through systemd's own threshold (exposure x 10)
     t = subprocess.run(
         [analyze, "security", "--offline=true", f"--threshold={MAX_EXPOSURE * 10:.0f}",

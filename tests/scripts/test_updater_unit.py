@@ -5,9 +5,7 @@ adjtimex, see the unit)."""
 
 from __future__ import annotations
 
-import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,7 +13,13 @@ import click
 
 from firmware.cli import main
 from firmware.ota_agent import ota_agent_command
-from tests.scripts.test_unit import INSTALLED_QRGATE, one, parse_unit, systemd_analyze
+from tests.scripts.test_unit import (
+    INSTALLED_QRGATE,
+    one,
+    parse_unit,
+    security_exposure,
+    systemd_analyze,
+)
 
 UNIT = Path(__file__).resolve().parents[2] / "scripts" / "qrgate-updater.service"
 MAX_EXPOSURE = 2.5
@@ -60,20 +64,7 @@ def test_exec_start_is_the_agent_command() -> None:
 
 
 def test_systemd_security_exposure(tmp_path: Path) -> None:
-    analyze = systemd_analyze()
-    shutil.copy(UNIT, tmp_path / UNIT.name)
-    r = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", UNIT.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"Overall exposure level for qrgate-updater\.service: (\d+\.\d+)", r.stdout)
-    assert m, r.stdout[-2000:]
-    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+    assert security_exposure(UNIT, tmp_path) <= MAX_EXPOSURE
 
 
 def test_systemd_verify(tmp_path: Path) -> None:
