@@ -14,7 +14,8 @@ import logging
 import queue
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,23 +29,27 @@ from firmware.backoffice.mqtt import MqttSettings
 from firmware.backoffice.records import StatusRecord, parse_status
 from firmware.exceptions import BadMessageError, BrokerConnectError
 from firmware.uplink.topics import ALL_STATUS, parse_topic
+from ota.exceptions import JobPayloadError
+from ota.jobs import StatePayload, all_states, parse_ota_topic
 
 DEFAULT_SETTLE_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 PROBE_PREFIX = "qrgate/fleet-probe"
 COLUMNS = ("Device", "Site", "Door", "Version", "Online", "Backlog", "Clock synced",
-           "Last scan")  # fmt: skip
+           "Last scan", "Last job")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class FleetSnapshot:
     """What the broker held: ``readers`` (one status per device, by site, door, device),
     ``malformed`` (one log-ready reason per status that failed the contract) and
-    ``complete`` (True when the probe proved every retained status was in)."""
+    ``complete`` (True when the probe proved every retained status was in) and ``jobs``."""
 
     readers: tuple[StatusRecord, ...]
     malformed: tuple[str, ...]
     complete: bool
+    #: each reader's last update job by (site, device), from its retained ``ota/state``
+    jobs: Mapping[tuple[str, str], StatePayload] = field(default_factory=dict)
 
 
 def collect_status(
@@ -85,7 +90,11 @@ def collect_status(
             )
         if rc.is_failure:
             raise BrokerConnectError(f"broker {settings.address} refused the login: {rc}")
-        client.subscribe([(ALL_STATUS, SubscribeOptions(qos=1)), (probe, SubscribeOptions(qos=1))])
+        client.subscribe([
+            (ALL_STATUS, SubscribeOptions(qos=1)),
+            (all_states(), SubscribeOptions(qos=1)),
+            (probe, SubscribeOptions(qos=1)),
+        ])  # fmt: skip
         rcs = _get(subacks, CONNECT_TIMEOUT_S, settings, "SUBACK")
         if rcs[0].is_failure:
             raise BrokerConnectError(
@@ -119,6 +128,7 @@ def _get(q: queue.Queue[Any], timeout_s: float, settings: MqttSettings, what: st
 def _gather(messages: queue.Queue[mqtt.MQTTMessage], probe: str, settle_s: float) -> FleetSnapshot:
     deadline = time.monotonic() + settle_s
     latest: dict[str, StatusRecord] = {}
+    jobs: dict[tuple[str, str], StatePayload] = {}
     malformed: list[str] = []
     complete = False
     while not complete:
@@ -132,6 +142,13 @@ def _gather(messages: queue.Queue[mqtt.MQTTMessage], probe: str, settle_s: float
         if msg.topic == probe:
             complete = True
             continue
+        ota = parse_ota_topic(msg.topic)
+        if ota is not None and ota[2] == "state" and msg.payload:
+            try:
+                jobs[ota[:2]] = StatePayload.parse(bytes(msg.payload), site=ota[0], device=ota[1])
+            except JobPayloadError as e:
+                malformed.append(f"{msg.topic}: {e}")
+            continue
         parsed = parse_topic(msg.topic)
         if parsed is None or parsed[2] != "status" or not msg.payload:
             continue
@@ -141,17 +158,19 @@ def _gather(messages: queue.Queue[mqtt.MQTTMessage], probe: str, settle_s: float
         except BadMessageError as e:
             malformed.append(f"{msg.topic}: {e}")
     readers = sorted(latest.values(), key=lambda s: (s.site, s.door or "", s.device))
-    return FleetSnapshot(tuple(readers), tuple(malformed), complete)
+    return FleetSnapshot(tuple(readers), tuple(malformed), complete, jobs)
 
 
 def fleet_rows(snapshot: FleetSnapshot, tz: dt.tzinfo) -> list[tuple[str, ...]]:
     """One tuple of cell texts per reader, in ``COLUMNS`` order: unknown values are "-",
-    flags "yes"/"no", the last scan as local ``YYYY-MM-DD HH:MM:SS`` in ``tz``."""
+    flags "yes"/"no", the last scan as local ``YYYY-MM-DD HH:MM:SS`` in ``tz``, the last
+    job as ``STATE reason from→to``."""
     rows: list[tuple[str, ...]] = []
     for s in snapshot.readers:
         rows.append((
             s.device, s.site, _text(s.door), _text(s.version), _yes(s.online),
             _text(s.backlog), _yes(s.clock_synced), _when(s.last_scan_wall_ns, tz),
+            _job(snapshot.jobs.get((s.site, s.device))),
         ))  # fmt: skip
     return rows
 
@@ -165,6 +184,12 @@ def fleet_table(snapshot: FleetSnapshot, tz: dt.tzinfo) -> Table:
     for status, row in zip(snapshot.readers, fleet_rows(snapshot, tz), strict=True):
         table.add_row(*row, style=None if status.online else "red")
     return table
+
+
+def _job(report: StatePayload | None) -> str:
+    if report is None:
+        return "-"
+    return f"{report.state.value} {report.reason} {report.from_version}→{report.to_version}"
 
 
 def _text(value: object) -> str:

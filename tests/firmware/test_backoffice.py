@@ -51,6 +51,8 @@ from firmware.exceptions import BadMessageError, BrokerError, StoreError
 from firmware.journal.events import NewEvent, StoredEvent
 from firmware.journal.store import Journal
 from firmware.uplink.topics import Topics, dumps, event_json
+from ota.job import Event, EventKind, Job, JobState, advance
+from ota.jobs import OtaTopics, StatePayload
 
 WAIT_S = 20.0  # upper bound for one loopback exchange; never an expected duration
 SITE = "hq"
@@ -1054,6 +1056,15 @@ def test_fleet_status_table(
     will = {"online": False, "device": "r3", "site": "annex", "door": "gate", "boot_id": "b3"}
     reader.publish(Topics("annex", "r3").status, dumps(will), retain=True)
     reader.publish(Topics("hq", "r4").status, b'{"device": "r4", "online": 1}', retain=True)
+    # r2's updater rolled back its last job
+    rolled = advance(
+        Job("rollout-7", "0.3.9", "0.4.0", JobState.PENDING_COMMIT, "switched", step=4),
+        Event(EventKind.ROLLBACK, "exited_at_start"),
+    )
+    state = StatePayload.from_job(
+        rolled, site="hq", device="r2", current_version="0.3.9", wall_ns=1
+    )
+    reader.publish(OtaTopics("hq", "r2").state, state.to_bytes(), retain=True)
 
     with caplog.at_level(logging.DEBUG):
         snapshots = [collect_status(settings, settle_s=WAIT_S) for _ in range(5)]
@@ -1062,10 +1073,11 @@ def test_fleet_status_table(
     snapshot = snapshots[-1]
     assert snapshot.complete
     assert fleet_rows(snapshot, UTC) == [
-        ("r3", "annex", "gate", "-", "no", "-", "-", "-"),
-        ("r2", "hq", "back", "0.3.9", "yes", "17", "no", "-"),
-        ("r1", "hq", "front", "0.4.0", "yes", "0", "yes", "2025-03-03 08:05:00"),
-    ]
+        ("r3", "annex", "gate", "-", "no", "-", "-", "-", "-"),
+        ("r2", "hq", "back", "0.3.9", "yes", "17", "no", "-",
+         "ROLLED_BACK exited_at_start 0.3.9→0.4.0"),
+        ("r1", "hq", "front", "0.4.0", "yes", "0", "yes", "2025-03-03 08:05:00", "-"),
+    ]  # fmt: skip
     assert snapshot.malformed == ("qrgate/v1/hq/r4/status: 'online' must be true or false, "
                                   "found 1",)  # fmt: skip
 
@@ -1077,7 +1089,7 @@ def test_fleet_status_table(
     header = [c for name in COLUMNS for c in name.split()]
     assert any(all(word in line for word in header) for line in lines)
     assert ["│", "r1", "│", "hq", "│", "front", "│", "0.4.0", "│", "yes", "│", "0", "│", "yes",
-            "│", "2025-03-03", "08:05:00", "│"] in lines  # fmt: skip
+            "│", "2025-03-03", "08:05:00", "│", "-", "│"] in lines  # fmt: skip
     assert "3 readers, 2 online" in result.output
 
     down = CliRunner().invoke(cli_main, ["fleet", "status", "--broker", f"127.0.0.1:{free_port()}"])
