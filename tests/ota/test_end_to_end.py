@@ -156,9 +156,7 @@ def test_install_update_crash_rollback_and_downgrade(
         updater = Updater(
             store=JobStore(state / "job.json"),
             releases=releases,
-            fetcher=Fetcher(
-                state / "metadata", state / "cache", server.url, trusted_root(repo)
-            ),
+            fetcher=Fetcher(state / "metadata", state / "cache", server.url, trusted_root(repo)),
             installer=installer,
             supervisor=supervisor,
             activity=ActivityFile(activity_file),
