@@ -174,15 +174,20 @@ def config_check(file: Path) -> None:
         make_snapshot_store(config)  # the snapshot key file, as `qrgate run` loads it
         if config.uplink.enabled:
             link_settings(config, "config-check")  # TLS files and the password file
+        if config.ota.repo_url:
+            from firmware.ota_agent import load_trusted_root
+
+            load_trusted_root(config)  # as `qrgate ota agent` loads it
     except QrgateError as e:
         click.echo(f"invalid: {e}", err=True)
         sys.exit(2)
+    updates = f"updates from {config.ota.repo_url}" if config.ota.repo_url else "updates off"
     click.echo(
         f"ok: {file}: door {config.reader.door!r}, camera {config.camera.source}, "
         f"decoder {config.decoder.backend}, mode {config.reader.mode}, "
         f"{len(creds.badges.allow)} allowed and {len(creds.badges.deny)} denied badges, "
         f"{len(creds.trust)} issuer keys, {creds.deny_cti + creds.deny_sub} revocations, "
-        f"journal {config.journal_path}"
+        f"journal {config.journal_path}, {updates}"
     )
 
 

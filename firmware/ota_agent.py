@@ -27,11 +27,15 @@ import click
 
 from firmware.config import DEVICE_TYPES, Config
 from firmware.exceptions import ConfigError, QrgateError
+from provisioning.files import NotRegularFileError, read_regular
 
 if TYPE_CHECKING:
     from ota.agent import Agent, Connection
 
 log = logging.getLogger("qrgate.ota")
+
+TRUSTED_ROOT_CAP = 512 * 1024
+"""Largest trusted root.json read (bytes): a root with a few keys is a few KB."""
 
 MODEL_FILE = Path("/proc/device-tree/model")
 """The board's model string (NUL-terminated), e.g. "Raspberry Pi 5 Model B Rev 1.0"."""
@@ -137,6 +141,23 @@ def broker_connector(config: Config, device: str) -> Callable[[], Connection]:
     return connect
 
 
+def load_trusted_root(config: Config) -> bytes:
+    """The bytes of ``[ota] trusted_root``, checked to be TUF root metadata. Raises
+    ConfigError (key ``ota.trusted_root``) when it is unreadable or not a root.json."""
+    from ota.exceptions import OtaError
+    from ota.fetch import check_trusted_root
+
+    path = config.ota.trusted_root
+    try:
+        data, _mode = read_regular(path, TRUSTED_ROOT_CAP)
+        check_trusted_root(data)
+    except (OSError, NotRegularFileError, OtaError) as e:
+        raise ConfigError(
+            config.source, "ota.trusted_root", "a readable TUF root.json", f"{path}: {e}"
+        ) from None
+    return data
+
+
 def build_agent(config: Config, *, device: str) -> Agent:
     """The update agent of ``config`` for the reader ``device``: Fetcher (TUF client over the
     resumable downloader), Updater with the real installer, systemd supervisor of
@@ -156,12 +177,7 @@ def build_agent(config: Config, *, device: str) -> Agent:
         raise ConfigError(
             config.source, "ota.repo_url", "the TUF repository's http(s) URL", "nothing"
         )
-    try:
-        trusted_root = o.trusted_root.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            config.source, "ota.trusted_root", "a readable TUF root.json", str(e)
-        ) from None
+    trusted_root = load_trusted_root(config)
     device_type = o.device_type or detect_device_type()
     connect = broker_connector(config, device)
     state = o.state_dir

@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ota.exceptions import BundleError, ReleaseError
-from ota.releases import check_version
+from ota.releases import check_version, version_key
 from provisioning.files import NotRegularFileError, read_regular
 
 FORMAT = 1
@@ -338,6 +338,9 @@ def build_bundle(
             check_version(min_version)
         except ReleaseError as e:
             raise BundleError(f"min_version: {e}") from None
+        if version_key(min_version) > version_key(version):
+            # no reader could ever take it: one running min_version would be downgrading
+            raise BundleError(f"min_version {min_version} is newer than the bundle's {version}")
     if not device_types:
         raise BundleError("a bundle needs at least one device type")
     if system_packages is None:

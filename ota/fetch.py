@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
@@ -237,6 +237,20 @@ class Fetcher:
             dest.unlink(missing_ok=True)
             raise TamperedError(f"{target.name} does not match the signed length and sha256")
         return dest
+
+
+def check_trusted_root(data: bytes) -> int:
+    """Parse ``data`` as TUF root metadata (TUF spec §4.3; signatures are checked by the
+    first refresh, against the root's own keys) and return its version. Raises
+    MetadataRejectedError when it is not a root.json: the updater cannot trust anything
+    then; install the release engineer's ``1.root.json``."""
+    try:
+        root = Metadata[Root].from_bytes(data)
+    except Exception as e:  # python-tuf raises DeserializationError and plain errors alike
+        raise MetadataRejectedError(f"not a TUF root.json: {e}") from None
+    if not isinstance(root.signed, Root):
+        raise MetadataRejectedError(f"not a TUF root.json but {root.signed.type} metadata")
+    return root.signed.version
 
 
 def check_target(

@@ -5,6 +5,8 @@ Steps (states and reason codes of :mod:`ota.job`; each step is written to the
 
     QUEUED          clock synced? (else WAIT "waiting_for_clock", re-checked every poll_s,
                     REJECTED "clock_unsynced" after clock_wait_s)
+                    until the download starts, :meth:`Updater.cancel` (another thread) ends
+                    the job REJECTED "cancelled" at its next check (the clock wait wakes)
                     TUF refresh + target (REJECTED "metadata_expired", "metadata_rejected",
                     "target_unknown"; FAILED "metadata_unreachable")
                     clock later than the bundle's build? (WAIT, then REJECTED
@@ -34,6 +36,7 @@ doing it) is rolled back now. Unstamped release folders of killed installs are r
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,9 +129,12 @@ class Updater:
     the clock is looked at, ``door_poll_s`` the door; seconds. Progress is reported when the
     download advanced ``progress_step`` (a fraction of the bundle) and ``progress_every_s``
     passed since the last report, and at the end. ``free_space(path)``: bytes free there.
-    ``monotonic``/``sleep``: injected time.
+    ``monotonic``/``sleep``: injected time (``sleep`` None: real time; the clock wait is
+    then an Event wait that :meth:`cancel` wakes at once; an injected ``sleep`` is called
+    as it is and the cancel is seen after it returns).
 
-    Not thread-safe: one job at a time, from one thread (the agent's worker)."""
+    One job at a time, from one thread (the agent's worker); only :meth:`cancel` may be
+    called from another thread."""
 
     def __init__(
         self,
@@ -155,7 +161,7 @@ class Updater:
         progress_every_s: float = 1.0,
         free_space: Callable[[Path], int] = free_bytes,
         monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.store, self.releases, self.fetcher = store, releases, fetcher
         self.installer, self.supervisor, self.activity = installer, supervisor, activity
@@ -167,7 +173,14 @@ class Updater:
         self.health_poll_s = health_poll_s
         self.progress_step, self.progress_every_s = progress_step, progress_every_s
         self.free_space = free_space
-        self._monotonic, self._sleep = monotonic, sleep
+        self._monotonic = monotonic
+        self._injected_sleep = sleep
+        self._sleep: Callable[[float], None] = sleep or time.sleep
+        # cancel(): the id of the job that may still be cancelled (QUEUED, before the
+        # download starts) and whether it was; both under _lock
+        self._lock = threading.Lock()
+        self._cancellable: str | None = None
+        self._cancel = threading.Event()
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -201,11 +214,17 @@ class Updater:
             request.version,
             allow_downgrade=request.allow_downgrade,
         )
-        self.store.save(job)
-        self._report(job)
-        if current is None:
-            return self._step(job, _E.REJECT, "no_current_release", "no `current` link")
-        return self._drive(job, resumed=False)
+        with self._lock:
+            self._cancellable = job.job_id
+            self._cancel.clear()
+        try:
+            self.store.save(job)
+            self._report(job)
+            if current is None:
+                return self._step(job, _E.REJECT, "no_current_release", "no `current` link")
+            return self._drive(job, resumed=False)
+        finally:
+            self._end_cancellable()
 
     def resume(self) -> Job | None:
         """Finish the job a kill -9 or power cut interrupted (see the module docstring) and
@@ -237,9 +256,26 @@ class Updater:
             return job
         return self._drive(job, resumed=True)
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel job ``job_id`` if it has not started downloading (QUEUED: waiting for the
+        clock, or any step before the download): the running :meth:`run` ends it REJECTED
+        "cancelled" at its next check (a clock wait is woken), persisted and reported as
+        every step. True when the cancel is taken; False (nothing changed) when the job is
+        downloading or later, finished, or not the one running. Thread-safe."""
+        with self._lock:
+            if job_id != self._cancellable:
+                return False
+            self._cancel.set()
+            return True
+
     # --- the steps -------------------------------------------------------------------------
 
     def _drive(self, job: Job, *, resumed: bool) -> Job:
+        if job.state is _S.QUEUED:
+            with self._lock:
+                if self._cancellable != job.job_id:  # resumed; run() set it (keep a cancel)
+                    self._cancellable = job.job_id
+                    self._cancel.clear()
         try:
             if job.state in (_S.QUEUED, _S.DOWNLOADING):
                 job, target = self._prepare(job)
@@ -252,12 +288,33 @@ class Updater:
                 job = self._commit(job, door_wait=resumed)
         except _JobFinishedError as f:
             return f.job
+        finally:
+            self._end_cancellable()
         return job
+
+    def _end_cancellable(self) -> None:
+        with self._lock:
+            self._cancellable = None
+            self._cancel.clear()
+
+    def _check_cancelled(self, job: Job) -> None:
+        """End ``job`` REJECTED "cancelled" if :meth:`cancel` asked for it."""
+        if self._cancel.is_set():
+            log.info("job %s: cancelled before the download", job.job_id)
+            self._finish(job, _E.REJECT, "cancelled", "cancelled before the download started")
+
+    def _clock_pause(self) -> None:
+        """Wait poll_s before the clock is looked at again; a cancel ends a real wait."""
+        if self._injected_sleep is not None:
+            self._injected_sleep(self.poll_s)
+        else:
+            self._cancel.wait(self.poll_s)
 
     def _prepare(self, job: Job) -> tuple[Job, Target]:
         deadline = self._monotonic() + self.clock_wait_s
         job = self._wait_clock(job, None, deadline)
         target = self._find(job)
+        self._check_cancelled(job)
         job = self._wait_clock(job, target.build_time_ns, deadline)
         try:
             check_target(
@@ -278,6 +335,7 @@ class Updater:
 
     def _wait_clock(self, job: Job, build_time_ns: int | None, deadline: float) -> Job:
         while True:
+            self._check_cancelled(job)
             try:
                 check_clock(build_time_ns or 0, self.clock.wall_ns(), self.clock.synced())
             except ClockNotReadyError as e:
@@ -285,7 +343,7 @@ class Updater:
                     job = self._step(job, _E.WAIT, "waiting_for_clock", f"{e.reason}: {e.detail}")
                 if self._monotonic() >= deadline:
                     self._finish(job, _E.REJECT, e.reason, e.detail)
-                self._sleep(self.poll_s)
+                self._clock_pause()
                 continue
             return job
 
@@ -303,6 +361,9 @@ class Updater:
 
     def _download(self, job: Job, target: Target) -> tuple[Job, Path]:
         if job.state is _S.QUEUED:
+            with self._lock:  # from here on cancel() says False; one taken before is honoured
+                self._cancellable = None
+            self._check_cancelled(job)
             job = self._step(job, _E.START)
         last = [job.bytes_done, self._monotonic()]
         state = [job]

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from firmware.admin.common import REFUSED, fail
+from firmware.config import DEVICE_TYPES
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -73,7 +74,8 @@ def init_command(repo_dir: Path, keys_dir: Path, threshold: int, root_keys: int)
     "--device-type",
     "device_types",
     multiple=True,
-    default=("rpi4", "rpi5"),
+    type=click.Choice(DEVICE_TYPES),
+    default=DEVICE_TYPES,
     show_default=True,
     help="A device type the bundle runs on (repeat the option).",
 )

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from firmware.cli import main as cli_main
 from firmware.config import load_config
 from firmware.demo.broker import LocalBroker
 from firmware.ota_agent import build_agent, ota_agent_command
 from ota.health import ActivityFile, SystemdSupervisor
+from ota.repository import init_repository, trusted_root
 from ota.updater import Updater
 from tests.firmware.conftest import need_mosquitto, no_leaks, stack
 from tests.polling import wait_until
@@ -26,6 +28,12 @@ BASE = """
 [camera]
 source = "v4l2"
 """
+
+
+def real_root(tmp_path: Path) -> None:
+    """A release engineer's 1.root.json as ``tmp_path/root.json``."""
+    init_repository(tmp_path / "repo", tmp_path / "keys")
+    (tmp_path / "root.json").write_bytes(trusted_root(tmp_path / "repo"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,8 +55,35 @@ def test_an_unreadable_trusted_root_is_a_config_error(tmp_path: Path) -> None:
     assert "[ota.trusted_root] expected a readable TUF root.json" in r.output
 
 
+@pytest.mark.parametrize("content", [b"", b"{}", b"not json", b'{"signed": {"_type": "targets"}}'])
+def test_a_trusted_root_that_is_not_tuf_root_metadata_is_a_config_error(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "root.json").write_bytes(content)
+    text = '[ota]\nrepo_url = "http://127.0.0.1:9/repo"\ntrusted_root = "root.json"\n'
+    config = write(tmp_path, text)
+    for command in (ota_agent_command, cli_main):
+        args = (
+            ["--config", str(config)]
+            if command is ota_agent_command
+            else ["config", "check", str(config)]
+        )
+        r = CliRunner().invoke(command, args)
+        assert r.exit_code == 2, r.output
+        assert "[ota.trusted_root] expected a readable TUF root.json" in r.output
+        assert "not a TUF root.json" in r.output
+
+
+def test_config_check_says_where_updates_come_from(tmp_path: Path) -> None:
+    real_root(tmp_path)
+    text = '[ota]\nrepo_url = "http://127.0.0.1:9/repo"\ntrusted_root = "root.json"\n'
+    r = CliRunner().invoke(cli_main, ["config", "check", str(write(tmp_path, text))])
+    assert r.exit_code == 0, r.output
+    assert r.output.rstrip().endswith("updates from http://127.0.0.1:9/repo")
+
+
 def test_uplink_off_is_a_config_error(tmp_path: Path) -> None:
-    (tmp_path / "root.json").write_text("{}")
+    real_root(tmp_path)
     text = (
         '[ota]\nrepo_url = "http://127.0.0.1:9/repo"\ntrusted_root = "root.json"\n'
         'device_type = "rpi5"\n'
@@ -65,7 +100,7 @@ def test_the_agent_is_wired_from_the_config_and_reaches_the_broker(
     broker = LocalBroker(tmp_path / "broker")
     broker.start()
     stack.callback(broker.stop)
-    (tmp_path / "root.json").write_text("{}")
+    real_root(tmp_path)
     config = load_config(
         write(
             tmp_path,

@@ -124,6 +124,8 @@ def test_build_refuses_bad_options(tmp_path: Path) -> None:
     tree = copy_tree(tmp_path / "t", "1.0.0")
     with pytest.raises(BundleError, match="min_version"):
         build_bundle(tree, tmp_path / "out", platform="native", min_version="latest")
+    with pytest.raises(BundleError, match=r"min_version 1\.1\.0 is newer than the bundle"):
+        build_bundle(tree, tmp_path / "out", platform="native", min_version="1.1.0")
     with pytest.raises(BundleError, match="device type"):
         build_bundle(tree, tmp_path / "out", platform="native", device_types=())
     assert not (tmp_path / "out" / "qrgate-1.0.0.tar").exists()
