@@ -17,12 +17,18 @@ terminal before its wave's timeout (``no_response``; a later terminal report rep
 The rollout halts as soon as failures × 100 > threshold × started: as failures only grow
 while a wave runs, that is the verdict the wave's end would give, reached earlier. Resuming a
 halted rollout accepts the failures seen so far (they no longer count) and may change the
-threshold.
+threshold. A resume does not send the job again to, nor wait again for, a reader already
+counted (a terminal report, or ``no_response``); readers that had their job but had not
+answered yet are waited on again, with a fresh wave timeout.
+
+A rollout is DONE when every wave has run, whether or not some of its readers failed (the
+failures stayed under the threshold): :meth:`Rollout.outcome` counts them.
 
 A halt stops sending jobs at once; readers that already have theirs carry on, and their
 reports are taken in by the resume (and shown by ``qrgate fleet jobs`` meanwhile). An abort
 cancels the jobs of readers that have not started downloading (an empty retained job);
-readers already downloading finish their update.
+readers already downloading finish their update. A DONE rollout can be aborted too: that
+cancels the jobs still retained for readers that never answered, and it stays DONE.
 """
 
 from __future__ import annotations
@@ -168,6 +174,12 @@ class DeviceRecord:
         return self.state is not None and JobState(self.state).terminal
 
     @property
+    def settled(self) -> bool:
+        """Nothing more to wait for: a terminal report, cancelled, or counted as
+        ``no_response``."""
+        return self.terminal or self.cancelled or self.no_response
+
+    @property
     def failed(self) -> bool:
         """Counts against the threshold: FAILED, ROLLED_BACK, REJECTED or no response."""
         return self.published and (self.state in _FAILED or self.no_response)
@@ -271,14 +283,23 @@ class Rollout:
         """Started devices that failed (see the module docstring), acknowledged ones aside."""
         return sum(1 for r in self.devices.values() if r.failed and not r.acknowledged)
 
+    def accepted(self) -> int:
+        """Failures accepted by a resume (no longer counted against the threshold)."""
+        return sum(1 for r in self.devices.values() if r.failed and r.acknowledged)
+
+    def outcome(self) -> tuple[int, int]:
+        """``(succeeded, not succeeded)``: readers that reported SUCCEEDED, and all others."""
+        ok = sum(1 for r in self.devices.values() if r.state == JobState.SUCCEEDED.value)
+        return ok, len(self.devices) - ok
+
     def over_threshold(self) -> bool:
         """True when failures × 100 > threshold × started (and something failed)."""
         failures = self.failures()
         return failures > 0 and failures * 100 > self.error_threshold_pct * self.started()
 
     def wave_finished(self, wave: Wave) -> bool:
-        """Every device of ``wave`` has a terminal report (or was cancelled)."""
-        return all(self.devices[k].terminal or self.devices[k].cancelled for k in wave.devices)
+        """Every device of ``wave`` is :attr:`DeviceRecord.settled`."""
+        return all(self.devices[k].settled for k in wave.devices)
 
     def job_request(self, wall_ns: int) -> JobRequest:
         """The job every reader of this rollout receives."""
@@ -311,24 +332,31 @@ class Rollout:
         return True
 
     def time_out(self, wave: Wave) -> list[str]:
-        """Mark every published device of ``wave`` without a terminal report as
-        ``no_response``; returns their keys."""
+        """Mark every published device of ``wave`` still waited on (not
+        :attr:`~DeviceRecord.settled`) as ``no_response``; returns their keys."""
         late = []
         for key in wave.devices:
             rec = self.devices[key]
-            if rec.published and not rec.terminal and not rec.cancelled:
+            if rec.published and not rec.settled:
                 rec.no_response = True
                 late.append(key)
         return late
 
     def halt(self) -> None:
-        """Mark the rollout HALTED with the failure count as the reason."""
-        failures, started = self.failures(), self.started()
+        """Mark the rollout HALTED with the failure count as the reason (the count the
+        threshold compares; failures accepted by a resume are named apart, so the reason adds
+        up with the table)."""
+        failures, started, accepted = self.failures(), self.started(), self.accepted()
         self.status = RolloutStatus.HALTED
         self.halt_reason = (
             f"{failures} of {started} started devices failed "
             f"({failures * 100 / max(started, 1):.1f} % > {self.error_threshold_pct:g} %)"
         )
+        if accepted:
+            self.halt_reason += (
+                f", besides {accepted} earlier "
+                f"{'failure' if accepted == 1 else 'failures'} accepted by --resume"
+            )
         self.history.append(f"halted in wave {self.wave_index}: {self.halt_reason}")
 
     def reopen(self, *, error_threshold_pct: float | None = None) -> None:
@@ -444,13 +472,14 @@ def save_rollout(path: Path, rollout: Rollout) -> None:
     write_atomic(path, data, 0o644, overwrite=True)
 
 
-def load_rollout(path: Path) -> Rollout:
-    """The rollout saved at ``path``. Raises RolloutError naming the file when it is missing,
-    not a regular file, over :data:`STATE_FILE_CAP`, not JSON or not a rollout record."""
+def load_rollout(path: Path, *, missing_hint: str = "start one without --resume") -> Rollout:
+    """The rollout saved at ``path``. Raises RolloutError naming the file when it is missing
+    (with ``missing_hint`` in brackets), not a regular file, over :data:`STATE_FILE_CAP`, not
+    JSON or not a rollout record."""
     try:
         data, _mode = read_regular(path, STATE_FILE_CAP)
     except FileNotFoundError:
-        raise RolloutError(f"{path}: no rollout state file (start one without --resume)") from None
+        raise RolloutError(f"{path}: no rollout state file ({missing_hint})") from None
     except (NotRegularFileError, OSError) as e:
         raise RolloutError(f"{path}: cannot read the rollout state: {e}") from None
     try:
@@ -465,27 +494,40 @@ def load_rollout(path: Path) -> Rollout:
 
 class RolloutLock:
     """An exclusive ``flock`` on ``<state file>.lock`` while a process works on a rollout
-    (``with``). Raises RolloutError when another process holds it."""
+    (``with``). Raises RolloutError when another process holds it. The lock file is removed
+    on exit when there is no state file (nothing was written: a refused ``--resume``, an
+    unreachable broker), so it does not linger beside nothing."""
 
     def __init__(self, path: Path) -> None:
+        self.state_path = path
         self.path = path.with_name(path.name + ".lock")
         self._fd: int | None = None
+
+    def _busy(self) -> RolloutError:
+        return RolloutError(
+            f"another process is working on this rollout ({self.path} is locked): stop "
+            "it first (Ctrl-C), then --resume or --abort"
+        )
 
     def __enter__(self) -> RolloutLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # the holder before us may have removed the file (see __exit__): a lock on a
+            # removed file guards nothing
+            if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             os.close(fd)
-            raise RolloutError(
-                f"another process is working on this rollout ({self.path} is locked): stop "
-                "it first (Ctrl-C), then --resume or --abort"
-            ) from None
+            raise self._busy() from None
         self._fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            if not self.state_path.exists():
+                # removed while still held: see the inode check in __enter__
+                self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
 
@@ -498,7 +540,8 @@ class RolloutEngine:
     seconds in between) over ``transport``.
 
     ``wave_timeout_s``: seconds a wave may take before its silent readers count as
-    ``no_response`` (an interrupted wave gets a fresh timeout on resume);
+    ``no_response`` (an interrupted or halted wave gets a fresh timeout on resume, for the
+    readers not yet settled);
     ``on_progress``: called with the rollout after changes (at most every
     ``progress_every_s`` seconds, and at every wave boundary); ``monotonic``/``wall_ns``:
     clocks (seconds; ns since the epoch)."""
@@ -611,16 +654,19 @@ class RolloutEngine:
         while r.wave_index < len(r.waves):
             wave = r.waves[r.wave_index]
             request = r.job_request(self._wall_ns()).to_bytes()
+            sent = 0
             for key in wave.devices:
                 rec = r.devices[key]
-                # again on resume too: the same job id, retained, is idempotent for a reader
-                if rec.state is None and not rec.cancelled:
+                # again on resume for a reader that had not answered (the same job id,
+                # retained, is idempotent for a reader); never for one already counted
+                if rec.state is None and not rec.settled:
                     self.transport.publish(
                         OtaTopics(rec.site, rec.device).job, request, qos=1, retain=True
                     )
                     rec.published = True
+                    sent += 1
             self.transport.flush()
-            r.history.append(f"wave {wave.index} published ({len(wave.devices)} devices)")
+            r.history.append(f"wave {wave.index} published ({sent} of {len(wave.devices)} devices)")
             self._save(force=True)
             self._progress(force=True)
             deadline = self._mono() + self.wave_timeout_s
@@ -660,10 +706,12 @@ class RolloutEngine:
     def abort(self) -> list[str]:
         """Cancel the jobs that have not started downloading (an empty retained ``ota/job``
         to each reader whose job was published and that reported nothing or QUEUED) and mark
-        the rollout ABORTED (saved). Returns the keys cancelled. Raises RolloutError for a
-        DONE or ABORTED rollout, FleetTransportError, OSError."""
+        the rollout ABORTED (saved). A DONE rollout stays DONE: this only cancels the jobs
+        left retained for its readers that never answered (``no_response``). Returns the
+        keys cancelled. Raises RolloutError for an ABORTED rollout, FleetTransportError,
+        OSError."""
         r = self.rollout
-        if r.status in (RolloutStatus.DONE, RolloutStatus.ABORTED):
+        if r.status is RolloutStatus.ABORTED:
             raise RolloutError(f"rollout {r.rollout_id} is already {r.status.value}")
         self._sync()
         cancelled = []
@@ -673,8 +721,11 @@ class RolloutEngine:
                 rec.cancelled = True
                 cancelled.append(rec.key)
         self.transport.flush()
-        r.status = RolloutStatus.ABORTED
-        r.history.append(f"aborted in wave {r.wave_index}: {len(cancelled)} jobs cancelled")
+        if r.status is RolloutStatus.DONE:
+            r.history.append(f"after done: {len(cancelled)} jobs of silent readers cancelled")
+        else:
+            r.status = RolloutStatus.ABORTED
+            r.history.append(f"aborted in wave {r.wave_index}: {len(cancelled)} jobs cancelled")
         self._save(force=True)
         self._progress(force=True)
         return cancelled

@@ -7,9 +7,10 @@ readers and each reader's last job, for technicians (:mod:`ota.rollout`, :mod:`o
     qrgate fleet rollout --broker ... --abort             # cancel what has not started
     qrgate fleet jobs --broker ... [--site hq] [--json]
 
-Exit status of ``rollout``: 0 done (or aborted as asked), 1 halted (too many failures), 2 bad
-options or state file in the way, 3 broker or state file error, 130 interrupted (Ctrl-C; the
-state file is kept for ``--resume``).
+Exit status of ``rollout``: 0 done with every reader updated (or aborted as asked), 1 halted
+(too many failures) or done with some readers not updated (failures under the threshold), 2
+bad options or state file in the way, 3 broker or state file error, 130 interrupted (Ctrl-C;
+the state file is kept for ``--resume``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from ota.jobs import StatePayload, all_states, parse_ota_topic
 from ota.mqtt import PahoTransport, collect_retained
 from ota.rollout import (
     DISPLAY_ORDER,
+    NO_RESPONSE,
+    DeviceRecord,
     DeviceRef,
     Rollout,
     RolloutEngine,
@@ -121,13 +124,33 @@ def _report(r: Rollout) -> None:
     console.print(table)
     failed = [rec for rec in r.devices.values() if rec.failed]
     for rec in failed[:_SHOWN_FAILURES]:
-        what = rec.display if rec.state is None or rec.no_response else rec.state
-        detail = f" ({rec.detail})" if rec.detail else ""
-        console.print(f"  {rec.key}: {what} {rec.reason}{detail}")
+        console.print(f"  {rec.key}: {_failure(rec)}", markup=False)
     if len(failed) > _SHOWN_FAILURES:
         console.print(f"  ... and {len(failed) - _SHOWN_FAILURES} more (see the state file)")
     if r.status is RolloutStatus.HALTED:
-        console.print(f"[red]halted:[/red] {r.halt_reason}")
+        console.print(f"[red]halted:[/red] {r.halt_reason}; {_NEXT_STEP}")
+    elif r.status is RolloutStatus.DONE:
+        ok, not_ok = r.outcome()
+        console.print(f"{ok} of {len(r.devices)} readers updated, {not_ok} not (failed or silent)")
+        silent = sum(1 for rec in r.devices.values() if rec.display == NO_RESPONSE)
+        if silent:
+            console.print(
+                f"{silent} readers never answered: their job stays on the broker (a reader "
+                "takes it when it comes back); --abort withdraws those jobs"
+            )
+
+
+_NEXT_STEP = "continue with --resume (optionally --error-threshold) or --abort"
+
+
+def _failure(rec: DeviceRecord) -> str:
+    """How a failed reader is listed: its state and reason, ``NO_RESPONSE no_response``
+    (with its last report, if any) for a silent one."""
+    detail = f" ({rec.detail})" if rec.detail else ""
+    if rec.display == NO_RESPONSE:
+        last = f" (last report {rec.state} {rec.reason}{detail})" if rec.state else ""
+        return f"{NO_RESPONSE} no_response{last}"
+    return f"{rec.display} {rec.reason}{detail}"
 
 
 def _run_with_progress(
@@ -199,9 +222,19 @@ def _run_with_progress(
     help="Seconds to wait for the retained statuses at most.",
 )
 @click.option("--resume", is_flag=True, help="Continue the halted or interrupted rollout.")
-@click.option("--abort", is_flag=True, help="Cancel the jobs not started; mark it ABORTED.")
+@click.option(
+    "--abort",
+    is_flag=True,
+    help="Cancel the jobs not started; mark it ABORTED (a DONE rollout: cancel the jobs of "
+    "readers that never answered).",
+)
 def rollout(**opts: Any) -> None:
-    """Update readers in waves (canary first), halting when failures pass the threshold."""
+    """Update readers in waves (canary first), halting when failures pass the threshold.
+
+    Exit status: 0 done with every reader updated (or aborted as asked); 1 halted, or done
+    with some readers not updated; 2 bad options or a state file in the way; 3 broker or
+    state file error; 130 interrupted (continue with --resume).
+    """
     if opts["resume"] and opts["abort"]:
         raise click.UsageError("--resume and --abort do not go together")
     settings = mqtt_settings(opts)
@@ -225,7 +258,8 @@ def rollout(**opts: Any) -> None:
 
 def _rollout(opts: dict[str, Any], settings: MqttSettings, path: Path) -> int:
     if opts["resume"] or opts["abort"]:
-        r = load_rollout(path)
+        hint = "start one without --resume" if opts["resume"] else "nothing to abort: check --state"
+        r = load_rollout(path, missing_hint=hint)
         if opts["version"] is not None and opts["version"] != r.version:
             raise RolloutError(f"{path} is the rollout of {r.version}, not {opts['version']}")
     else:
@@ -249,17 +283,26 @@ def _rollout(opts: dict[str, Any], settings: MqttSettings, path: Path) -> int:
             allow_downgrade=opts["allow_downgrade"],
         )
         click.echo(
-            f"rollout {r.rollout_id}: {len(r.devices)} readers in {len(r.waves)} waves "
-            f"(state file {path})",
-            err=True,
+            f"rollout {r.rollout_id}: {len(r.devices)} readers in {len(r.waves)} waves", err=True
         )
     transport = _transport(settings, "rollout")
     engine = RolloutEngine(r, path, transport, wave_timeout_s=opts["wave_timeout"])
     transport.connect()
     try:
+        if not (opts["resume"] or opts["abort"]):
+            save_rollout(path, r)
+            click.echo(f"state file {path}", err=True)
         if opts["abort"]:
+            was_done = r.status is RolloutStatus.DONE
             cancelled = engine.abort()
-            click.echo(f"aborted: {len(cancelled)} jobs cancelled", err=True)
+            if was_done:
+                click.echo(
+                    f"rollout was DONE: {len(cancelled)} jobs of readers that never answered "
+                    "cancelled",
+                    err=True,
+                )
+            else:
+                click.echo(f"aborted: {len(cancelled)} jobs cancelled", err=True)
             _report(r)
             return 0
         try:
@@ -273,7 +316,7 @@ def _rollout(opts: dict[str, Any], settings: MqttSettings, path: Path) -> int:
     finally:
         transport.close()
     _report(r)
-    return 0 if status is RolloutStatus.DONE else REFUSED
+    return 0 if status is RolloutStatus.DONE and r.outcome()[1] == 0 else REFUSED
 
 
 JOB_COLUMNS = ("Device", "Site", "Job", "State", "Reason", "From", "To", "Download", "Running",
