@@ -24,9 +24,11 @@ Threads and ordering:
 Jobs: the retained ``ota/job`` arrives again on every (re)connect, so a job whose id already
 finished (kept in ``<state_dir>/agent.json``, written atomically after the job's terminal state
 is on disk in the updater's job store) or is running is ignored. A newer job received while one
-runs waits (only the newest waits); an empty retained payload cancels a job that is waiting,
-never one that has started. A payload that breaks the contract is dropped with its reason
-logged.
+runs waits (only the newest waits); an empty retained payload cancels a job that is waiting
+(reported REJECTED "cancelled" here) or else asks the updater to cancel the running job
+(:meth:`Updater.cancel`: taken only while it is QUEUED, e.g. waiting for the clock; the
+updater then reports REJECTED "cancelled"), never one that has started downloading. A
+payload that breaks the contract is dropped with its reason logged.
 
 The agent sets no last will: the daemon's ``status`` already says online or offline.
 """
@@ -75,6 +77,12 @@ class Updater(Protocol):
         """Finish the job a restart interrupted; the final job, or None when there was none."""
         ...
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel the running job ``job_id`` if it has not started downloading (it then ends
+        REJECTED "cancelled", reported as every step); False when it cannot be. Called from
+        the network loop while the worker runs the job: must be thread-safe."""
+        ...
+
 
 class Connection(Transport, Protocol):
     """A connected :class:`ota.mqtt.Transport` the agent can also close."""
@@ -88,7 +96,8 @@ class Connection(Transport, Protocol):
 class AgentStats:
     """Counters since start, for logs and tests. ``received``: ``ota/job`` messages;
     ``rejected``: of which broke the contract; ``duplicates``: ignored as finished or running;
-    ``cancelled``: waiting jobs cancelled by an empty payload; ``runs``: jobs handed to the
+    ``cancelled``: jobs cancelled by an empty payload (waiting, or running but not yet
+    downloading); ``runs``: jobs handed to the
     updater; ``published``: states acknowledged by the broker; ``sessions``: connections made;
     ``connect_failures``: attempts or sessions that failed."""
 
@@ -294,11 +303,14 @@ class Agent:
         if request is None:
             with self._cond:
                 cancelled, self._waiting = self._waiting, None
+                running = self._running
             if cancelled is not None:
                 self.stats.cancelled += 1
                 log.info("job %s cancelled before it started", cancelled.job_id)
                 # the rollout waits for a terminal state from every reader it sent a job to
                 self.report(self._cancelled(cancelled))
+            elif running is not None:
+                self._cancel_running(running)
             return
         with self._cond:
             if request.job_id in (self._last_finished, self._running):
@@ -313,6 +325,19 @@ class Agent:
                 )
             self._waiting = request
             self._cond.notify_all()
+
+    def _cancel_running(self, job_id: str) -> None:
+        try:
+            taken = self.updater.cancel(job_id)
+        except Exception:  # a bug in the updater must not end the network loop
+            log.exception("job %s: cancelling failed", job_id)
+            return
+        if taken:
+            # the updater ends the job REJECTED "cancelled" and reports it through report()
+            self.stats.cancelled += 1
+            log.info("job %s cancelled before its download started", job_id)
+        else:
+            log.warning("job %s not cancelled: its download has started", job_id)
 
     def _cancelled(self, request: JobRequest) -> Job:
         try:

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from ota.agent import Agent, Connection
 from ota.job import Event, EventKind, Job, JobState, JobStore
 from ota.jobs import JobRequest, OtaTopics, StatePayload
 from ota.mqtt import PahoTransport, plain_client
+from ota.releases import Releases
+from ota.updater import Clock
 from tests.firmware.conftest import need_mosquitto, no_leaks, stack
 from tests.polling import wait_until
 
@@ -41,7 +44,9 @@ TOTAL = 100
 class RecordingUpdater:
     """The agent's Updater protocol over a real JobStore: every step is persisted, then
     reported. ``hold_at``: the job waits in that state until ``release`` is set (``held`` is
-    set when it gets there). ``calls``: ("resume", None) and ("run", job_id) in order."""
+    set when it gets there). ``calls``: ("resume", None), ("run", job_id) and
+    ("cancel", job_id) in order; ``cancel`` is refused (as the real updater refuses a job
+    that is downloading: the tests here hold jobs there)."""
 
     def __init__(
         self,
@@ -69,6 +74,10 @@ class RecordingUpdater:
         self.store.save(job)
         self.report(job)
         return self._drive(job)
+
+    def cancel(self, job_id: str) -> bool:
+        self.calls.append(("cancel", job_id))
+        return False
 
     def _drive(self, job: Job) -> Job:
         while not job.state.terminal:
@@ -347,15 +356,25 @@ def test_states_from_while_the_broker_was_killed_arrive_after_it_is_back(
     assert running.updater.calls == [("resume", None), ("run", "job-9")]
 
 
-def test_the_real_updater_rejects_a_job_on_a_reader_without_a_release(
-    tmp_path: Path, broker: LocalBroker, stack: ExitStack
-) -> None:
-    # the production updater, wired to real parts that this job never reaches: with no
-    # `current` release it is refused before any clock, TUF or install step
-    from firmware.ota_agent import SystemClock
+class NeverSynced:
+    """A wall clock NTP never synchronises (the reader waits for it)."""
+
+    @staticmethod
+    def wall_ns() -> int:
+        return time.time_ns()
+
+    @staticmethod
+    def synced() -> bool:
+        return False
+
+
+def start_real_agent(
+    tmp_path: Path, broker: LocalBroker, stack: ExitStack, clock: Clock
+) -> tuple[Agent, Releases]:
+    """The agent over the production updater, wired to real parts; the TUF repository is
+    unreachable and nothing may be installed (the tests' jobs end before either)."""
     from ota.fetch import Fetcher
     from ota.health import ActivityFile, SystemdSupervisor
-    from ota.releases import Releases
     from ota.updater import Updater
 
     state = tmp_path / "state"
@@ -374,7 +393,7 @@ def test_the_real_updater_rejects_a_job_on_a_reader_without_a_release(
             supervisor=SystemdSupervisor(systemctl=("false",)),
             activity=ActivityFile(tmp_path / "run" / "activity.json"),
             report=report,
-            clock=SystemClock(),
+            clock=clock,
             device_type="rpi4",
             python_tag="cp311",
         )
@@ -390,19 +409,63 @@ def test_the_real_updater_rejects_a_job_on_a_reader_without_a_release(
         backoff_min_s=0.05,
         backoff_max_s=0.5,
     )
-    states = States(observer(broker, stack))
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), name="test-ota-agent")
     thread.start()
-    try:
-        publish_job(broker, job("job-r"))
-        done = states.terminal("job-r")
-    finally:
+
+    def halt() -> None:
         stop.set()
         thread.join(30)
+        assert not thread.is_alive()
+
+    stack.callback(halt)
+    return agent, releases
+
+
+def test_the_real_updater_rejects_a_job_on_a_reader_without_a_release(
+    tmp_path: Path, broker: LocalBroker, stack: ExitStack
+) -> None:
+    # with no `current` release the job is refused before any clock, TUF or install step
+    from firmware.ota_agent import SystemClock
+
+    states = States(observer(broker, stack))
+    _agent, _releases = start_real_agent(tmp_path, broker, stack, SystemClock())
+    publish_job(broker, job("job-r"))
+    done = states.terminal("job-r")
     assert (done.state, done.reason, done.current_version) == (
         JobState.REJECTED,
         "no_current_release",
         None,
     )
+    state = tmp_path / "state"
     assert json.loads((state / "agent.json").read_text()) == {"last_finished_job_id": "job-r"}
+
+
+def test_an_empty_job_cancels_the_running_job_waiting_for_the_clock(
+    tmp_path: Path, broker: LocalBroker, stack: ExitStack
+) -> None:
+    # the abort of a rollout reaches a reader whose job already runs but waits, QUEUED, for
+    # a synced clock: the updater ends it REJECTED "cancelled" before any TUF or download
+    states = States(observer(broker, stack))
+    agent, releases = start_real_agent(tmp_path, broker, stack, NeverSynced())
+    releases.path("1.0").mkdir(parents=True)
+    releases.complete("1.0")
+    releases.switch("1.0")
+    publish_job(broker, job("job-w"))
+    states.until(lambda seen: any(s.reason == "waiting_for_clock" for s in seen))
+    publish_job(broker, b"")
+    done = states.terminal("job-w")
+    assert (done.state, done.reason, done.current_version) == (
+        JobState.REJECTED,
+        "cancelled",
+        "1.0",
+    )
+    assert agent.stats.cancelled == 1
+    assert releases.current_version() == "1.0"
+    assert wait_until(
+        lambda: (
+            (tmp_path / "state" / "agent.json").exists()
+            and json.loads((tmp_path / "state" / "agent.json").read_text())
+            == {"last_finished_job_id": "job-w"}
+        )
+    )

@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +213,53 @@ def test_clock_behind_the_build_waits_then_reports_the_clock(reader: Reader) -> 
         ("REJECTED", "clock_behind_build"),
     ]
     assert reader.target_requests() == []
+
+
+def test_a_job_waiting_for_the_clock_is_cancelled_one_downloading_is_not(
+    reader: Reader,
+) -> None:
+    reader.publish("2.0", build_time_ns=BUILD_NS)
+    behind = Clock(offset_ns=BUILD_NS - 3600 * 10**9 - time.time_ns())  # an hour before
+    updater = reader.updater(clock=behind)
+    updater.poll_s = 60.0  # only a woken wait lets the cancel end the job within the test
+    done: list[Job] = []
+    worker = threading.Thread(target=lambda: done.append(updater.run(JobRequest("job-c", "2.0"))))
+    worker.start()
+    try:
+        assert wait_until(lambda: ("QUEUED", "waiting_for_clock") in reader.trail("job-c"))
+        assert not updater.cancel("job-other")  # not the job it runs
+        assert updater.cancel("job-c")
+    finally:
+        worker.join(10)
+    assert not worker.is_alive()
+    (job,) = done
+    assert (job.state, job.reason) == (S.REJECTED, "cancelled")
+    assert reader.trail("job-c") == [
+        ("QUEUED", "queued"),
+        ("QUEUED", "waiting_for_clock"),
+        ("REJECTED", "cancelled"),
+    ]
+    assert JobStore(reader.rig.state / "job.json").load() == job
+    assert reader.target_requests() == []  # nothing downloaded
+    assert reader.releases.current_version() == "1.0"
+    assert reader.releases.list() == ["1.0"]
+    assert not updater.cancel("job-c")  # finished
+
+    # once the download has started, a cancel is refused and changes nothing
+    reader.rig.modes["2.0"] = "broken"  # ends the job quickly after the download
+    answers: list[bool] = []
+
+    def report(j: Job) -> None:
+        reader.reports.append(j)
+        if j.reason == "download_started":
+            answers.append(late.cancel("job-d"))
+
+    late = reader.rig.updater(report, reader.supervisor)
+    job = late.run(JobRequest("job-d", "2.0"))
+    assert answers == [False]
+    assert (job.state, job.reason) == (S.FAILED, "install_failed")
+    assert ("INSTALLING", "verified") in reader.trail("job-d")
+    assert reader.releases.current_version() == "1.0"
 
 
 def test_unsynced_clock_waits_then_the_job_goes_on(reader: Reader) -> None:

@@ -124,11 +124,13 @@ class Rig:
         return self.state / "running"
 
     def running(self) -> str:
-        """The version of the fake daemon started last (``?`` when none)."""
+        """The version of the fake daemon started last (``?`` when none, or while the
+        daemon is still writing the file: it is not written atomically)."""
         try:
-            return self.running_file.read_text().split()[0]
+            words = self.running_file.read_text().split()
         except FileNotFoundError:
             return "?"
+        return words[0] if words else "?"
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
