@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -242,6 +243,12 @@ def _run_pip(pip: Sequence[str], args: list[str]) -> None:
         raise BundleError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n{tail}")
 
 
+def native_platform() -> str:
+    """This machine's platform as a manifest names it (``linux_x86_64``, ``linux_aarch64``):
+    what a native bundle's wheels run on."""
+    return f"linux_{os.uname().machine}"
+
+
 def default_system_packages(platform: str) -> tuple[str, ...]:
     """What the target gets from Debian: :data:`PI_SYSTEM_PACKAGES` for a Pi platform,
     nothing for ``"native"`` (a test machine's release venv has no Debian packages)."""
@@ -382,7 +389,9 @@ def build_bundle(
             min_version=min_version,
             device_types=tuple(device_types),
             python=tag,
-            platform=platform,
+            # a native bundle names the machine it was built on, so a reader of another
+            # architecture refuses it before downloading (reason wrong_platform)
+            platform=native_platform() if platform == "native" else platform,
             build_time_ns=now_wall_ns(),
             wheels=MappingProxyType(digests),
             system_packages=tuple(system_packages),

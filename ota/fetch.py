@@ -53,7 +53,8 @@ _TAMPERED_REASONS = frozenset({"hash_mismatch", "size_mismatch", "too_large"})
 class Target:
     """A bundle as the signed targets metadata describes it. ``length`` in bytes,
     ``sha256`` lower-case hex, ``build_time_ns`` the build machine's wall clock (ns since the
-    epoch), ``python`` an ABI tag such as ``cp311``."""
+    epoch), ``python`` an ABI tag such as ``cp311``, ``platform`` what its wheels run on
+    (``linux_aarch64``)."""
 
     name: str
     version: str
@@ -63,6 +64,7 @@ class Target:
     min_version: str | None
     build_time_ns: int
     python: str
+    platform: str
 
 
 class DownloadFunction(Protocol):
@@ -93,6 +95,7 @@ def target_from_info(info: TargetFile, version: str) -> Target:
         min_version = custom["min_version"]
         build_time_ns = custom["build_time_ns"]
         python = custom["python"]
+        platform = custom["platform"]
         if custom["version"] != version:
             raise ValueError(f"custom version {custom['version']!r}")
         if not (isinstance(device_types, list) and all(isinstance(d, str) for d in device_types)):
@@ -101,6 +104,8 @@ def target_from_info(info: TargetFile, version: str) -> Target:
             check_version(min_version)
         if type(build_time_ns) is not int or not isinstance(python, str):
             raise TypeError("build_time_ns or python")
+        if not isinstance(platform, str):
+            raise TypeError("platform")
     except (KeyError, TypeError, ValueError, ReleaseError) as e:
         raise MetadataRejectedError(f"target {info.path}: unusable custom fields: {e}") from None
     return Target(
@@ -112,6 +117,7 @@ def target_from_info(info: TargetFile, version: str) -> Target:
         min_version=min_version,
         build_time_ns=build_time_ns,
         python=python,
+        platform=platform,
     )
 
 
@@ -254,15 +260,25 @@ def check_trusted_root(data: bytes) -> int:
 
 
 def check_target(
-    target: Target, *, running: str, device_type: str, python: str, allow_downgrade: bool
+    target: Target,
+    *,
+    running: str,
+    device_type: str,
+    python: str,
+    platform: str,
+    allow_downgrade: bool,
 ) -> None:
     """Refuse a target this reader must not install (pure; no I/O). Raises RejectedError
-    with reason ``python_mismatch`` (ABI tag differs from ``python``, e.g. ``cp311``),
+    with reason ``wrong_platform`` (built for another ``platform``, e.g. a test bundle for
+    ``linux_x86_64`` on a ``linux_aarch64`` reader), ``python_mismatch`` (ABI tag differs from
+    ``python``, e.g. ``cp311``),
     ``wrong_device_type`` (``device_type`` not listed), ``same_version`` (already running),
     ``downgrade`` (older than ``running`` and not ``allow_downgrade``) or
     ``below_min_version`` (``running`` is older than the target's ``min_version``: update
     through an intermediate release first). ReleaseError when ``running`` is not a
     version."""
+    if target.platform != platform:
+        raise RejectedError("wrong_platform", f"bundle {target.platform}, reader {platform}")
     if target.python != python:
         raise RejectedError("python_mismatch", f"bundle {target.python}, reader {python}")
     if device_type not in target.device_types:

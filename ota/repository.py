@@ -268,7 +268,7 @@ def publish(
 
     The bundle is first opened and checked whole (:func:`ota.bundle.open_bundle`, in a
     temporary folder, at most ``max_bundle_bytes``). Its custom target fields, read from the
-    manifest: ``{"version", "device_types", "min_version", "build_time_ns", "python"}``.
+    manifest: ``{"version", "device_types", "min_version", "build_time_ns", "python", "platform"}``.
     The file is copied to ``targets/<sha256>.qrgate-<version>.tar``, then a new targets,
     snapshot and timestamp are signed with the online keys (each ``expiry`` from ``now()``).
     Publishing the same bytes again only re-signs; other bytes under a published version are
@@ -297,6 +297,7 @@ def publish(
                 "min_version": manifest.min_version,
                 "build_time_ns": manifest.build_time_ns,
                 "python": manifest.python,
+                "platform": manifest.platform,
             }
         },
     )

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, Protocol
 
+from ota.bundle import native_platform
 from ota.exceptions import (
     ClockNotReadyError,
     DownloadFailedError,
@@ -122,7 +123,8 @@ class Updater:
     service; ``activity``: the door's activity (restart only when idle); ``report(job)``:
     called after each step is on disk (must not block; its errors are logged and ignored: the
     state is on disk and is reported again); ``clock``: wall clock and sync state;
-    ``device_type`` (``rpi4``, ``rpi5``) and ``python_tag`` (``cp311``): what targets must
+    ``device_type`` (``rpi4``, ``rpi5``), ``python_tag`` (``cp311``) and ``platform`` (default
+    this machine's, ``linux_aarch64`` on a Pi): what targets must
     fit. ``keep``: releases kept after a success. ``health_deadline_s``, ``min_pings``,
     ``need_broker``: the health gate (:func:`ota.health.wait_healthy`). ``clock_wait_s``:
     how long a job waits for a trustworthy clock before it is rejected, ``poll_s`` how often
@@ -149,6 +151,7 @@ class Updater:
         clock: Clock,
         device_type: str,
         python_tag: str,
+        platform: str | None = None,
         keep: int = 3,
         health_deadline_s: float = 120.0,
         min_pings: int = 3,
@@ -167,6 +170,7 @@ class Updater:
         self.installer, self.supervisor, self.activity = installer, supervisor, activity
         self._report_cb, self.clock = report, clock
         self.device_type, self.python_tag, self.keep = device_type, python_tag, keep
+        self.platform = platform or native_platform()
         self.health_deadline_s, self.min_pings = health_deadline_s, min_pings
         self.need_broker = need_broker
         self.clock_wait_s, self.poll_s, self.door_poll_s = clock_wait_s, poll_s, door_poll_s
@@ -322,6 +326,7 @@ class Updater:
                 running=job.from_version,
                 device_type=self.device_type,
                 python=self.python_tag,
+                platform=self.platform,
                 allow_downgrade=job.allow_downgrade,
             )
             # a resumed download's part file is part of the bundle's space already

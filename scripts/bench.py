@@ -828,7 +828,7 @@ def _bench_bundle(folder: Path, version: str, size: int) -> Path:
         "min_version": None,
         "device_types": ["rpi4", "rpi5"],
         "python": "cp311",
-        "platform": "native",
+        "platform": f"linux_{os.uname().machine}",
         "build_time_ns": time.time_ns(),
         "wheels": {wheel.name: digest.hexdigest()},
         "system_packages": [],

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import pytest
 
-from ota.bundle import build_bundle, build_wheelhouse
+from ota.bundle import build_bundle, build_wheelhouse, native_platform
 
 BUILD_NS = 1_790_000_000 * 10**9
 """A build time (wall clock, ns) for bundles whose build time a test checks: 2026-09-21."""
@@ -154,7 +154,7 @@ def small_bundle(
         "min_version": min_version,
         "device_types": list(device_types),
         "python": python,
-        "platform": "native",
+        "platform": native_platform(),
         "build_time_ns": build_time_ns,
         "wheels": {wheel: digest},
         "system_packages": [],

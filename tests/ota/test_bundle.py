@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 import zipfile
@@ -49,7 +50,8 @@ def test_native_bundle_holds_everything_to_install(
     assert manifest.min_version == "1.2.0"
     assert manifest.device_types == ("rpi4", "rpi5")
     assert manifest.python == f"cp3{sys.version_info.minor}"
-    assert (manifest.platform, manifest.build_time_ns) == ("native", BUILD_NS)
+    # a native bundle names this machine's platform, which readers compare with their own
+    assert (manifest.platform, manifest.build_time_ns) == (f"linux_{os.uname().machine}", BUILD_NS)
     assert manifest.system_packages == ()
     projects = {w.split("-")[0].lower() for w in manifest.wheels}
     # native: every dependency, the ones a Pi takes from Debian included

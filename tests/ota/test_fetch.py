@@ -254,6 +254,7 @@ TARGET = Target(
     min_version="1.5.0",
     build_time_ns=1_790_000_000 * 10**9,
     python="cp311",
+    platform="linux_aarch64",
 )
 
 
@@ -261,6 +262,14 @@ TARGET = Target(
     ("target", "running", "device_type", "python", "allow_downgrade", "reason"),
     [
         (TARGET, "2.0.0", "rpi4", "cp312", False, "python_mismatch"),
+        (
+            replace(TARGET, platform="linux_x86_64"),
+            "2.0.0",
+            "rpi4",
+            "cp311",
+            False,
+            "wrong_platform",
+        ),
         (TARGET, "2.0.0", "rpi3", "cp311", False, "wrong_device_type"),
         (TARGET, "2.1.0", "rpi5", "cp311", False, "same_version"),
         (TARGET, "2.1.0", "rpi5", "cp311", True, "same_version"),
@@ -286,6 +295,7 @@ def test_check_target(  # noqa: PLR0917 - one argument per parametrized column
             running=running,
             device_type=device_type,
             python=python,
+            platform="linux_aarch64",
             allow_downgrade=allow_downgrade,
         )
 

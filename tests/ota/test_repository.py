@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def test_publish_a_real_bundle(tmp_path: Path, native_bundle_factory: BundleFact
         "min_version": "1.2.0",
         "build_time_ns": BUILD_NS,
         "python": python,
+        "platform": f"linux_{os.uname().machine}",
     }
     served = targets_dir(repo) / f"{digest}.qrgate-1.4.0.tar"
     assert served.read_bytes() == bundle.read_bytes()
