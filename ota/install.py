@@ -77,6 +77,7 @@ def install_release(
     system_site_packages: bool = True,
     max_bytes: int,
     timeout_s: float = TOOL_TIMEOUT_S,
+    compile_bytecode: bool = True,
 ) -> Path:
     """Install the bundle at ``bundle_tar`` (TUF-verified already) as release ``version``
     under ``releases``; return the complete release folder.
@@ -87,7 +88,10 @@ def install_release(
     venv then gets no pip of its own. None (the default): the venv is made with its own pip
     (ensurepip, a few seconds more) and that installs: every release can install the next
     one without a pip elsewhere on the system. ``max_bytes``: cap on the bundle's size and
-    its unpacked size. ``timeout_s``: cap on each tool run, seconds.
+    its unpacked size. ``timeout_s``: cap on each tool run, seconds. ``compile_bytecode``:
+    pip writes .pyc files (the default, and what a reader needs: the service's user cannot
+    write into the root-owned release, so without them every start compiles again); tests
+    that never start a release may skip it.
 
     Steps: unpack into a hidden staging folder under ``releases/`` (ota.bundle.open_bundle:
     member names, sizes and wheel hashes checked), ``python -m venv [--without-pip]
@@ -121,6 +125,7 @@ def install_release(
             pip=pip,
             system_site_packages=system_site_packages,
             timeout_s=timeout_s,
+            compile_bytecode=compile_bytecode,
         )
         releases.complete(version)
     except BaseException:
@@ -152,6 +157,7 @@ def _build(
     pip: Sequence[str] | None,
     system_site_packages: bool,
     timeout_s: float,
+    compile_bytecode: bool,
 ) -> None:
     venv: list[str | Path] = [python, "-m", "venv"]
     if pip is not None:
@@ -174,6 +180,7 @@ def _build(
             "--disable-pip-version-check",
             "--no-input",
             "--quiet",
+            "--compile" if compile_bytecode else "--no-compile",
             "--find-links",
             staging / "wheels",
             "-r",

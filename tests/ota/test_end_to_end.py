@@ -18,6 +18,7 @@ REJECTED ("downgrade") before anything is downloaded.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from ota.health import ActivityFile, SubprocessSupervisor, wait_healthy
 from ota.install import install_release
 from ota.job import Job, JobState, JobStore
 from ota.jobs import JobRequest
-from ota.releases import Releases
+from ota.releases import STAMP, Releases
 from ota.repository import init_repository, publish, trusted_root
 from ota.updater import Updater
 from tests.firmware.conftest import need_mosquitto, no_leaks
@@ -101,7 +102,9 @@ def test_install_update_crash_rollback_and_downgrade(
     releases = Releases(root)
 
     def installer(bundle: Path, version: str) -> Path:
-        # firmware.ota_agent.build_agent's installer, with this machine's base interpreter
+        # firmware.ota_agent.build_agent's installer, with this machine's base interpreter;
+        # v2, the release that must run on, gets .pyc files as on a reader, the others skip
+        # them (suite time: about 8 s each)
         return install_release(
             bundle,
             releases,
@@ -109,9 +112,28 @@ def test_install_update_crash_rollback_and_downgrade(
             python=sys._base_executable,
             pip=None,
             max_bytes=MAX_BUNDLE_BYTES,
+            compile_bytecode=version == V2,
         )
 
-    installer(bundles[V1], V1)
+    half = releases.path(V1)  # a killed install's leftover under the name: replaced
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "python").write_text("leftover")
+    v1_dir = installer(bundles[V1], V1)
+    assert (v1_dir / "bin" / "python").is_symlink()  # the venv's, not the leftover file
+    assert (v1_dir / STAMP).read_text() == f"{V1}\n"
+    assert sorted(p.name for p in releases.releases_dir.iterdir()) == [V1]  # no staging left
+    # qrgate and numpy come from the bundle's wheels in the venv, not from this checkout
+    where = subprocess.run(
+        [v1_dir / "bin" / "python", "-I", "-c", "import firmware, numpy; print(firmware.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(v1_dir))
+    stamp_ns = (v1_dir / STAMP).stat().st_mtime_ns
+    assert installer(bundles[V1], V1) == v1_dir  # a complete release is kept as it is
+    assert (v1_dir / STAMP).stat().st_mtime_ns == stamp_ns
     releases.switch(V1)
     assert releases.current_version() == V1
 

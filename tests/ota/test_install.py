@@ -1,6 +1,7 @@
-"""Installing real bundles built from this project into release folders: venv, pip from the
-wheelhouse only (--no-index --require-hashes), checks, the stamp written last; failures leave
-nothing under the version's name."""
+"""Installing real bundles built from this project into release folders: refusals and
+failures leave nothing under the version's name. The successful install (venv, pip from the
+wheelhouse only, the stamp last, a leftover replaced) is in test_end_to_end.py, which runs
+what it installs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from ota.bundle import build_bundle
 from ota.exceptions import InstallError, OtaError, ReleaseError
 from ota.install import import_name, install_release
-from ota.releases import STAMP, Releases
+from ota.releases import Releases
 from tests.ota.conftest import BundleFactory, copy_tree
 
 PIP = [sys.executable, "-m", "pip"]
@@ -36,42 +37,6 @@ def install(bundle: Path, releases: Releases, version: str, **kw: object) -> Pat
 
 def leftovers(releases: Releases) -> list[str]:
     return sorted(p.name for p in releases.releases_dir.iterdir())
-
-
-def test_installs_a_real_bundle_and_stamps_it_last(
-    native_bundle_factory: BundleFactory, tmp_path: Path
-) -> None:
-    bundle = native_bundle_factory("7.1.0")
-    releases = Releases(tmp_path / "opt")
-    half = releases.path("7.1.0")  # a killed install's leftover: replaced
-    (half / "bin").mkdir(parents=True)
-    (half / "bin" / "python").write_text("leftover")
-    # pip=None: the venv's own pip (ensurepip), the way one release installs the next
-    dest = install(bundle, releases, "7.1.0", pip=None)
-    assert dest == releases.path("7.1.0")
-    assert (dest / "bin" / "python").is_symlink()  # the venv's, not the leftover file
-    assert (dest / STAMP).read_text() == "7.1.0\n"
-    assert releases.is_complete("7.1.0")
-    assert leftovers(releases) == ["7.1.0"]  # the staging folder is gone
-    out = subprocess.run(
-        [dest / "bin" / "qrgate", "--version"], capture_output=True, text=True, check=True
-    )
-    assert "7.1.0" in out.stdout
-    # installed from the bundle's wheels into the venv, not seen through this interpreter
-    where = subprocess.run(
-        [dest / "bin" / "python", "-I", "-c", "import firmware, numpy; print(firmware.__file__)"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert where.stdout.startswith(str(dest))
-    releases.switch("7.1.0")
-    assert releases.current_version() == "7.1.0"
-    # a complete release is kept as it is
-    stamp_ns = (dest / STAMP).stat().st_mtime_ns
-    assert install(bundle, releases, "7.1.0") == dest
-    assert (dest / STAMP).stat().st_mtime_ns == stamp_ns
 
 
 def test_wrong_version_and_damaged_bundle_are_refused(
